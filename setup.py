@@ -8,6 +8,9 @@ setup(
     description="Fused kernels and a fast sampler for LaTtE-Flow (layerwise timestep-expert flow transformers)",
     python_requires=">=3.10",
     packages=find_packages(include=["latte_kernels", "latte_kernels.*", "latteflow", "latteflow.*", "benchmarks"]),
+    package_data={"latteflow": ["assets/digits/*"]},
+    include_package_data=True,
+    entry_points={"console_scripts": ["latteflow=latteflow.cli:main"]},
     install_requires=[
         "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux'",

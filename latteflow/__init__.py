@@ -5,5 +5,6 @@ Composes the ops of ``latte_kernels``; never re-implements one. See SPEC section
 from .config import LatteFlowConfig
 from .context import Context
 from .model import LatteFlowModel
+from .pipeline import LatteFlowPipeline, load_pipeline
 
-__all__ = ["LatteFlowConfig", "LatteFlowModel", "Context"]
+__all__ = ["LatteFlowConfig", "LatteFlowModel", "Context", "LatteFlowPipeline", "load_pipeline"]

@@ -1,0 +1,275 @@
+"""``latteflow``: the command line (SPEC 3.1). Subcommands:
+
+    latteflow sample --prompt "digit 7" --num 16 --out grid.png [--steps 40 --guidance 5 --seed 0 --checkpoint digits]
+    latteflow train --data digits --out DIR --steps N --seed S [--resume ...]
+    latteflow eval [--checkpoint digits --per-class 50 --steps 40 --guidance 5 --seed 0]
+    latteflow bench ...            (benchmarks.e2e)
+
+Bad input (arguments, paths, checkpoints, prompts) prints one ``latteflow: error: ...`` line on stderr
+and exits with status 2; ``LATTEFLOW_DEBUG=1`` re-raises instead, with the traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shlex
+import sys
+import time
+from typing import List, Optional, Sequence
+
+PROG = "latteflow"
+EXIT_USAGE = 2
+
+
+class UsageError(ValueError):
+    """A bad command line, reported as one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse prints usage and exits; we want one line and our exit path
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {v}")
+    return v
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {v}")
+    return v
+
+
+def _finite_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"must be finite, got {text!r}")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    v = _finite_float(text)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
+    return v
+
+
+def _png_out(path: str, flag: str = "--out") -> str:
+    if not path.lower().endswith(".png"):
+        raise ValueError(f"{flag} must name a .png file, got {path!r}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{flag}: folder {folder!r} does not exist")
+    return path
+
+
+def _device_words(device) -> str:
+    from .digits import device_description
+
+    return device_description(device)
+
+
+def _add_sampling(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", default="digits", help="shipped name ('digits') or a checkpoint directory")
+    p.add_argument("--steps", type=_positive_int, default=40, help="Euler steps (default 40)")
+    p.add_argument("--guidance", type=_finite_float, default=5.0, help="classifier-free guidance weight (default 5)")
+    p.add_argument("--seed", type=_nonneg_int, default=0, help="seed of the initial noise (default 0)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="LaTtE-Flow: sample, train, evaluate and benchmark.")
+    sub = parser.add_subparsers(dest="command", metavar="{sample,train,eval,bench}", parser_class=_Parser)
+    sub.required = True
+
+    p = sub.add_parser("sample", help="generate images for prompts and write a PNG grid")
+    p.add_argument("--prompt", action="append", required=True,
+                   help="prompt, e.g. 'digit 7' (repeat for several; --num images each)")
+    p.add_argument("--num", type=_positive_int, default=16, help="images per prompt (default 16)")
+    p.add_argument("--out", required=True, help="PNG file to write (its folder must exist)")
+    _add_sampling(p)
+
+    p = sub.add_parser("train", help="train a model (digits) with periodic checkpoints")
+    p.add_argument("--data", required=True, choices=["digits"], help="dataset (digits: scikit-learn's 8x8 digits)")
+    p.add_argument("--out", required=True, help="output folder: checkpoints/, losses.csv, model/ (the result)")
+    p.add_argument("--steps", type=_positive_int, required=True, help="optimizer steps in total")
+    p.add_argument("--seed", type=_nonneg_int, default=0, help="seed of init, batches, timesteps and noise")
+    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--lr", type=_positive_float, default=1e-3)
+    p.add_argument("--ema", type=_finite_float, default=0.999, help="EMA decay of the exported weights")
+    p.add_argument("--checkpoint-every", type=_nonneg_int, default=250, help="steps between checkpoints (0: none)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--variant", choices=["couple", "vanilla_couple"], default="couple")
+    p.add_argument("--groups", type=_positive_int, default=4, help="expert groups K (couple)")
+    p.add_argument("--no-residual-attention", action="store_true")
+    p.add_argument("--backbone-seed", type=_nonneg_int, default=0)
+    p.add_argument("--eval-per-class", type=_nonneg_int, default=50,
+                   help="score the result with this many samples per class (0: skip)")
+    p.add_argument("--eval-steps", type=_positive_int, default=40)
+    p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("eval", help="score a digits checkpoint: accuracy, Frechet distance, spread")
+    p.add_argument("--per-class", type=_positive_int, default=50, help="samples per class (default 50)")
+    p.add_argument("--out", default=None, help="optional PNG grid of the samples (one row per class)")
+    _add_sampling(p)
+
+    sub.add_parser("bench", help="end-to-end benchmark (benchmarks.e2e); every later argument passes through",
+                   add_help=False)
+    return parser
+
+
+# ------------------------------------------------------------------------------------------------
+def _cmd_sample(a) -> int:
+    import torch
+
+    from .images import save_image_grid
+    from .pipeline import load_pipeline
+
+    _png_out(a.out)
+    pipe = load_pipeline(a.checkpoint, device=a.device)
+    prompts = [p for p in pipe.check_prompts(a.prompt) for _ in range(a.num)]
+    if pipe.device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    images = pipe(prompts, steps=a.steps, guidance=a.guidance, seed=a.seed)
+    if pipe.device.type == "cuda":
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    save_image_grid(images, a.out, ncols=a.num if len(a.prompt) > 1 else None)
+    print(f"{len(prompts)} images in {dt:.2f} s = {dt / len(prompts):.4f} s/img "
+          f"(steps {a.steps}, guidance {a.guidance:g}, seed {a.seed}; {_device_words(pipe.device)}; prompt context "
+          f"included, first call) -> {a.out}")
+    return 0
+
+
+def _cmd_train(a, argv: Sequence[str]) -> int:
+    from .digits import DigitsRecipe, train_digits
+
+    if not 0.0 <= a.ema < 1.0:
+        raise ValueError(f"--ema must lie in [0, 1), got {a.ema}")
+    parent = os.path.dirname(os.path.abspath(a.out))
+    if not os.path.isdir(parent):
+        raise FileNotFoundError(f"--out: folder {parent!r} does not exist")
+    if os.path.exists(a.out) and not os.path.isdir(a.out):
+        raise ValueError(f"--out {a.out!r} exists and is not a folder")
+    recipe = DigitsRecipe(variant=a.variant, num_groups=a.groups, residual_attention=not a.no_residual_attention,
+                          backbone_seed=a.backbone_seed)
+    command = " ".join(shlex.quote(x) for x in [PROG, *argv])
+    m = train_digits(a.out, steps=a.steps, seed=a.seed, recipe=recipe, batch_size=a.batch_size, lr=a.lr,
+                     ema_decay=a.ema, checkpoint_every=a.checkpoint_every, resume=a.resume,
+                     eval_per_class=a.eval_per_class, eval_steps=a.eval_steps, progress=not a.no_progress,
+                     command=command)
+    print(f"trained {a.steps} steps in {m['train_seconds']:.1f} s ({m['device']}); final loss "
+          f"{m['final_loss'] if m['final_loss'] is None else round(m['final_loss'], 4)}; model -> {m['model_dir']}")
+    if "eval" in m:
+        _print_scores(m["eval"], m["device"])
+    return 0
+
+
+def _print_scores(r: dict, device: str) -> None:
+    print(f"conditional accuracy {r['accuracy']:.3f}  Frechet distance {r['frechet_distance']:.2f}  "
+          f"within-class spread {r['spread_generated']:.3f} (real {r['spread_real']:.3f})  "
+          f"[{r['num_samples']} samples, {r['steps']} steps, guidance {r['guidance']:g}, seed {r['seed']}; "
+          f"{r['seconds_per_image']:.4f} s/img on {device}]")
+
+
+def _cmd_eval(a) -> int:
+    from .digits import PromptContexts, evaluate_model
+
+    from .pipeline import load_pipeline
+
+    if a.out is not None:
+        _png_out(a.out)
+    pipe = load_pipeline(a.checkpoint, device=a.device)
+    contexts = PromptContexts(pipe.model, pipe.tokenizer)
+    r = evaluate_model(pipe.model, contexts, per_class=a.per_class, steps=a.steps, guidance=a.guidance, seed=a.seed)
+    _print_scores(r, _device_words(pipe.device))
+    if a.out is not None:
+        import torch
+
+        from .data import NUM_CLASSES
+        from .digits import sample_labels
+        from .images import save_image_grid
+
+        k = min(a.per_class, 10)
+        labels = torch.arange(NUM_CLASSES).repeat_interleave(k)
+        save_image_grid(sample_labels(pipe.model, contexts, labels, steps=a.steps, guidance=a.guidance, seed=a.seed),
+                        a.out, ncols=k)
+        print(f"grid of {k} per class -> {a.out}")
+    return 0
+
+
+def _cmd_bench(a) -> int:
+    try:
+        from benchmarks import e2e
+    except ImportError as e:
+        raise UsageError(f"bench needs the benchmarks.e2e module, which is not importable here ({e})") from None
+    rc = e2e.main(list(a.args))
+    return int(rc) if isinstance(rc, int) else 0
+
+
+def _known_errors():
+    errors = [ValueError, TypeError, FileNotFoundError, OSError]
+    try:
+        from safetensors import SafetensorError
+
+        errors.append(SafetensorError)
+    except ImportError:  # older safetensors spell it only in the Rust module
+        try:
+            from safetensors.safetensors_rust import SafetensorError
+
+            errors.append(SafetensorError)
+        except ImportError:
+            pass
+    return tuple(errors)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Runs the command line; returns the exit status (0 on success, 2 on bad input)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = os.environ.get("LATTEFLOW_DEBUG", "") not in ("", "0")
+    try:
+        parser = build_parser()
+        if argv in ([], ["-h"], ["--help"]) or (argv and argv[0] == "help"):
+            parser.print_help()
+            return 0 if argv else EXIT_USAGE
+        if argv[0] == "bench":  # everything after it belongs to benchmarks.e2e, flags included
+            return _cmd_bench(argparse.Namespace(args=argv[1:]))
+        a = parser.parse_args(argv)
+        if a.command == "sample":
+            return _cmd_sample(a)
+        if a.command == "train":
+            return _cmd_train(a, argv)
+        if a.command == "eval":
+            return _cmd_eval(a)
+        raise UsageError(f"unknown command {a.command!r}")
+    except _known_errors() as e:
+        if debug:
+            raise
+        msg = str(e).strip().splitlines()
+        text = msg[0] if msg else type(e).__name__
+        if isinstance(e, FileNotFoundError) and getattr(e, "filename", None) and e.filename not in text:
+            text = f"{text}: {e.filename}"
+        print(f"{PROG}: error: {text}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
