@@ -118,6 +118,33 @@ def _lse_dtype(out_a: Tensor, lse_a: Tensor) -> torch.dtype:
     return torch.float64 if torch.float64 in (out_a.dtype, lse_a.dtype) else torch.float32
 
 
+def _launch_fwd(out: Tensor, lse: Tensor, out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> None:
+    """Writes the merge into ``out`` (contiguous (B, N, H, D)) and ``lse`` (contiguous (B, H, N) float32)."""
+    b, n, h, d = out_a.shape
+    block_r, block_d = _blocks(d)
+    rows = b * n * h
+    _merge_fwd_kernel[(triton.cdiv(rows, block_r),)](
+        out_a, lse_a, out_b, lse_b, out, lse,
+        rows, n, h, d,
+        *out_a.stride(), *out_b.stride(), *lse_a.stride(), *lse_b.stride(),
+        BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4,
+    )
+
+
+def _launch_bwd(d_oa: Tensor, d_la: Tensor, d_ob: Tensor, d_lb: Tensor, grad_out: Tensor, grad_lse: Tensor,
+                out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> None:
+    """Writes the four gradients into contiguous buffers shaped like the inputs."""
+    b, n, h, d = out_a.shape
+    block_r, block_d = _blocks(d)
+    rows = b * n * h
+    _merge_bwd_kernel[(triton.cdiv(rows, block_r),)](
+        grad_out, grad_lse, out_a, lse_a, out_b, lse_b, d_oa, d_la, d_ob, d_lb,
+        rows, n, h, d,
+        *grad_out.stride(), *grad_lse.stride(), *out_a.stride(), *out_b.stride(), *lse_a.stride(), *lse_b.stride(),
+        BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4,
+    )
+
+
 # --------------------------------------------------------------------------------------------------
 # Registered ops
 
@@ -127,17 +154,10 @@ def _merge_op(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> Tup
     if not _use_triton(out_a, lse_a):
         out, lse = reference._merge(out_a, lse_a, out_b, lse_b)
         return out.contiguous(), lse.contiguous()
-    b, n, h, d = out_a.shape
+    b, n, h, _ = out_a.shape
     out = torch.empty(out_a.shape, dtype=out_a.dtype, device=out_a.device)
     lse = torch.empty((b, h, n), dtype=torch.float32, device=out_a.device)
-    block_r, block_d = _blocks(d)
-    rows = b * n * h
-    _merge_fwd_kernel[(triton.cdiv(rows, block_r),)](
-        out_a, lse_a, out_b, lse_b, out, lse,
-        rows, n, h, d,
-        *out_a.stride(), *out_b.stride(), *lse_a.stride(), *lse_b.stride(),
-        BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4,
-    )
+    _launch_fwd(out, lse, out_a, lse_a, out_b, lse_b)
     return out, lse
 
 
@@ -170,19 +190,12 @@ def _merge_backward_op(grad_out: Tensor, grad_lse: Tensor, out_a: Tensor, lse_a:
                        lse_b: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     if not _use_triton(out_a, lse_a):
         return _merge_backward_torch(grad_out, grad_lse, out_a, lse_a, out_b, lse_b)
-    b, n, h, d = out_a.shape
+    b, n, h, _ = out_a.shape
     d_oa = torch.empty(out_a.shape, dtype=out_a.dtype, device=out_a.device)
     d_ob = torch.empty(out_b.shape, dtype=out_b.dtype, device=out_b.device)
     d_la = torch.empty((b, h, n), dtype=lse_a.dtype, device=out_a.device)
     d_lb = torch.empty((b, h, n), dtype=lse_b.dtype, device=out_a.device)
-    block_r, block_d = _blocks(d)
-    rows = b * n * h
-    _merge_bwd_kernel[(triton.cdiv(rows, block_r),)](
-        grad_out, grad_lse, out_a, lse_a, out_b, lse_b, d_oa, d_la, d_ob, d_lb,
-        rows, n, h, d,
-        *grad_out.stride(), *grad_lse.stride(), *out_a.stride(), *out_b.stride(), *lse_a.stride(), *lse_b.stride(),
-        BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4,
-    )
+    _launch_bwd(d_oa, d_la, d_ob, d_lb, grad_out, grad_lse, out_a, lse_a, out_b, lse_b)
     return d_oa, d_la, d_ob, d_lb
 
 
