@@ -39,8 +39,8 @@ if HAS_TRITON:
         wa = tl.exp(la - m)
         wb = tl.exp(lb - m)
         total = wa + wb
-        lse = m + tl.log(total)  # log(0) = -inf: both sides empty
         denom = tl.where(total == 0.0, 1.0, total)
+        lse = tl.where(total == 0.0, float("-inf"), m + tl.log(denom))  # both sides empty: -inf
         return wa / denom, wb / denom, lse
 
     @triton.jit
