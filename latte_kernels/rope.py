@@ -103,7 +103,7 @@ def _launch(out: Tensor, x: Tensor, positions: Optional[Tensor], inv_freq: Tenso
     b, n, h, d = x.shape
     half = d // 2
     half_p = triton.next_power_of_2(half)
-    block_n = max(1, min(triton.next_power_of_2(n), 4096 // half_p))
+    block_n = max(1, min(triton.next_power_of_2(n), 2048 // half_p))  # ~2K elements per head tile
     heads_per_prog = min(h, 4)
     grid = (triton.cdiv(n, block_n), b, triton.cdiv(h, heads_per_prog))
     from_grid = positions is None
