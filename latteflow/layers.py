@@ -113,6 +113,8 @@ class GenerationLayer(nn.Module):
         residual = {}
         if self.gate is not None and prev is not None:
             residual = dict(q_prev=prev[0], k_prev=prev[1], gate=self.gate(h_t))
+        # a context cached outside autocast meets bf16 projections inside it: one dtype per call
+        k_ctx, v_ctx = k_ctx.to(q.dtype), v_ctx.to(q.dtype)
         out = self._attention(q, k, v, self.grid_hw, k_ctx=k_ctx, v_ctx=v_ctx, ctx_lens=ctx_lens,
                               rope_theta=self.rope_theta, **residual)
         h = h + a.o_proj(out.reshape(b, n, self.num_heads * self.head_dim))
@@ -155,4 +157,4 @@ class ExpertGroup(nn.Module):
         for j, layer in enumerate(self.layers):
             i = self.layer_offset + j
             h, prev = layer(h, h_t, keys[i], values[i], ctx_lens, prev)
-        return self.proj_out(self.norm_out(h))
+        return self.proj_out(self.norm_out(h.to(self.norm_out.weight.dtype)))
