@@ -143,11 +143,13 @@ def roofline_floor_s(flops: float, nbytes: float, matmul_tflops: float, bandwidt
     return max(flops / (matmul_tflops * 1e12), nbytes / (bandwidth_gbps * 1e9))
 
 
-def _group_params(group) -> Tuple[int, int, int]:
-    """``(token_params, row_params, all_params)`` of an expert group."""
-    total = sum(p.numel() for p in group.parameters())
-    row = sum(p.numel() for p in group.time_embed.parameters())
-    row += sum(layer.gate.weight.numel() for layer in group.layers if layer.gate is not None)
+def _step_params(model, group) -> Tuple[int, int, int]:
+    """``(token_params, row_params, all_params)`` one step of ``group`` reads: the group's own weights
+    plus the model's shared timestep MLP; row parameters (the timestep MLP and the residual gates) act
+    once per row, every other weight once per token."""
+    time_embed = sum(p.numel() for p in model.time_embed.parameters())
+    total = sum(p.numel() for p in group.parameters()) + time_embed
+    row = time_embed + sum(layer.gate.weight.numel() for layer in group.layers if layer.gate is not None)
     return total - row, row, total
 
 
@@ -170,7 +172,7 @@ def sample_cost(model, batch: int, prompt_len: int, steps: int, guided: bool = T
     tokens = model.cfg.num_tokens
     per_group = []
     for group in model.groups:
-        token_p, row_p, all_p = _group_params(group)
+        token_p, row_p, all_p = _step_params(model, group)
         m = len(group.layers)
         residual = sum(layer.gate is not None for layer in group.layers)
         ctx_bytes = m * 2 * rows * prompt_len * kv_heads * head_dim * size
@@ -334,7 +336,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--no-decode", action="store_true", help="skip the DC-AE decode timing")
     parser.add_argument("--profile", action="store_true",
                         help="also write a torch.profiler table of the top kernels per mode and batch "
-                             "(benchmarks/results/<device>_e2e_profile.txt, a temp file for small/CPU runs)")
+                             "(benchmarks/results/<device>_e2e_profile.txt; beside --out when given; a temp "
+                             "file for small/CPU runs)")
     parser.add_argument("--out", type=Path, default=None,
                         help="CSV to append rows to (default: benchmarks/results/<gpu>.csv for the paper "
                              "configuration on CUDA, a temp file otherwise)")
@@ -378,7 +381,9 @@ def _out_paths(args: argparse.Namespace, setup: Setup) -> Tuple[Path, Path]:
     """(CSV, profile text): results/ only for the paper configuration on CUDA."""
     real = setup.device.type == "cuda" and not setup.small
     csv_path = args.out or (results_path(setup.device) if real else Path(tempfile.gettempdir()) / "e2e_smoke.csv")
-    if real and args.out is None:
+    if args.out is not None:
+        profile_path = args.out.with_name(f"{args.out.stem}_e2e_profile.txt")
+    elif real:
         profile_path = RESULTS_DIR / f"{results_path(setup.device).stem}_e2e_profile.txt"
     else:
         profile_path = Path(tempfile.gettempdir()) / "e2e_smoke_profile.txt"
