@@ -34,9 +34,10 @@ reads 2.62 GB. With CFG a step has 2B x 64 token rows:
 - batch 1: 128 rows -> 84 GFLOP and 655 MB per step, 128 FLOP per byte, below the ridge point of an
   H100 (~990 dense bf16 TFLOP/s over ~3.35 TB/s = ~295 FLOP/byte, datasheet figures): the step is
   bound by streaming the 7 layers' weights once, ~0.2 ms per step, ~8 ms for 40 steps, plus ~0.8 ms
-  for the prefill's 2.6 GB. Launch overhead of ~7 x 15 kernels per step is what CUDA graphs remove.
+  for the prefill's 2.6 GB. At ~0.2 ms per step, launching the step's ~100 kernels (a dozen or more per
+  layer) one by one from Python costs as much as the step itself: that is what CUDA graphs remove.
 - batch 50: 6400 rows -> 4.2 TFLOP per step, 6400 FLOP per byte: compute bound, ~4 ms per step at
-  datasheet rate, ~0.0034 s/img for 40 steps; the SPEC's 0.006 s/img needs ~55% of peak matmul.
+  datasheet rate, ~0.0034 s/img for 40 steps; the SPEC's 0.006 s/img needs ~57% of peak matmul.
 - the baseline does exactly L/M = 4x the layer FLOPs and bytes per step (minus the residual-attention
   logits, which are tiny at 64 tokens), so where both run near their floor the speedup is ~4x; the
   SPEC's ">= 5x over vanilla eager" counts on the eager baseline also losing time to launches.
