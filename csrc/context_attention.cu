@@ -189,6 +189,7 @@ __device__ __forceinline__ void write_tile(typename W::Acc& acc, const typename 
 }
 
 constexpr int align128(int x) { return (x + 127) / 128 * 128; }
+constexpr int kMaxSmemSm80 = 163 * 1024;  // opt-in dynamic shared memory per block on sm_80 (sm_90: 227 KB)
 
 // ------------------------------------------------------------------------------------------------
 // Tile configurations. BM: queries per block (or per step), BN: keys per step (or per block),
@@ -225,6 +226,7 @@ struct FwdCfg {
   static constexpr int OFF_P = align128(OFF_S + BM * LDS * 4);
   static constexpr int SMEM = align128(OFF_P + BM * LDP * (int)sizeof(T));
   static_assert(OFF_Q + NW * 256 * 4 <= SMEM, "output staging must fit");
+  static_assert(SMEM <= kMaxSmemSm80, "tiles must fit sm_80 shared memory");
   static_assert(NT % BM == 0 && TPR <= 32 && (TPR & (TPR - 1)) == 0, "softmax row split");
   static_assert(BN % TPR == 0, "softmax column split");
 };
@@ -249,6 +251,7 @@ struct BwdQCfg {
   static constexpr int OFF_DS = align128(OFF_DP + BM * LDS * 4);
   static constexpr int SMEM = align128(OFF_DS + BM * LDP * (int)sizeof(T));
   static_assert(OFF_Q + NW * 256 * 4 <= SMEM, "output staging must fit");
+  static_assert(SMEM <= kMaxSmemSm80, "tiles must fit sm_80 shared memory");
 };
 
 template <typename T, int DP>
@@ -272,6 +275,7 @@ struct BwdKVCfg {
   static constexpr int OFF_DS = align128(OFF_P + BM * LDP * (int)sizeof(T));
   static constexpr int SMEM = align128(OFF_DS + BM * LDP * (int)sizeof(T));
   static_assert(OFF_K + NW * 256 * 4 <= SMEM, "output staging must fit");
+  static_assert(SMEM <= kMaxSmemSm80, "tiles must fit sm_80 shared memory");
 };
 
 __device__ __forceinline__ void fill_row_table(float* table, int nt) {
