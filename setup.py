@@ -52,6 +52,7 @@ setup(
         "pillow",
         "tqdm",
         "scikit-learn",
+        "ninja",  # the just-in-time build of the extension (latte_kernels/_ext.py)
     ],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "hypothesis"],
