@@ -36,7 +36,7 @@ __all__ = ["DIGITS_BACKBONE", "DigitsRecipe", "PromptContexts", "backbone_checks
 
 # The shrunk Qwen2-VL text shapes of the digits model (head_dim 16; mrope_section sums to 8).
 DIGITS_BACKBONE = dict(hidden_size=64, num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2,
-                       intermediate_size=128, mrope_section=[2, 3, 3])
+                       intermediate_size=128, mrope_section=[2, 3, 3], initializer_range=0.02)
 EMA_DIR = "ema"
 MODEL_DIR = "model"
 CHECKPOINT_DIR = "checkpoints"

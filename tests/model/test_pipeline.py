@@ -1,0 +1,85 @@
+"""``load_pipeline``: the shipped digits checkpoint and saved checkpoint directories."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from latteflow import load_pipeline
+from latteflow.digits import DigitsRecipe, build_digits_model, save_digits_model
+from latteflow.pipeline import SHIPPED, resolve_checkpoint
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_pipeline("digits", device="cpu")
+
+
+def test_shipped_checkpoint_is_complete():
+    path = resolve_checkpoint("digits")
+    assert path == SHIPPED["digits"]
+    names = set(os.listdir(path))
+    assert {"model.safetensors", "config.json", "tokenizer.json", "MANIFEST.json"} <= names
+    manifest = json.load(open(os.path.join(path, "MANIFEST.json")))
+    for key in ("command", "commit", "seed", "steps", "wall_seconds", "eval"):
+        assert manifest[key] is not None, key
+    assert manifest["command"].startswith("latteflow train --data digits")
+    total = sum(os.path.getsize(os.path.join(path, n)) for n in names)
+    assert total < 8 * 2**20, f"shipped checkpoint is {total / 2**20:.1f} MiB"
+
+
+def test_shapes_dtype_and_determinism(digits):
+    a = digits(["digit 3", "digit 7"], steps=4, guidance=5.0, seed=0)
+    assert isinstance(a, np.ndarray) and a.dtype == np.uint8 and a.shape == (2, 8, 8, 1)
+    b = digits(["digit 3", "digit 7"], steps=4, guidance=5.0, seed=0)
+    np.testing.assert_array_equal(a, b)
+    c = digits(["digit 3", "digit 7"], steps=4, guidance=5.0, seed=1)
+    assert not np.array_equal(a, c)
+    one = digits("digit 3", steps=4, seed=0)
+    assert one.shape == (1, 8, 8, 1)
+    np.testing.assert_array_equal(one[0], a[0])  # the noise of row 0 depends on the seed only
+
+
+def test_unknown_characters_are_named(digits):
+    with pytest.raises(ValueError, match="'Q'.*'é'|'é'.*'Q'"):
+        digits(["digit é", "Q"], steps=2)
+
+
+@pytest.mark.parametrize("kwargs, exc, word", [
+    (dict(prompts=[]), ValueError, "prompts"),
+    (dict(prompts=[3]), TypeError, "prompts"),
+    (dict(prompts=["digit 1"], steps=0), ValueError, "steps"),
+    (dict(prompts=["digit 1"], guidance="5"), TypeError, "guidance"),
+    (dict(prompts=["digit 1"], seed=-1), ValueError, "seed"),
+])
+def test_bad_arguments(digits, kwargs, exc, word):
+    with pytest.raises(exc, match=word):
+        digits(**kwargs)
+
+
+def test_saved_checkpoint_roundtrip_and_backbone_checksum(tmp_path):
+    recipe = DigitsRecipe()
+    model, tok = build_digits_model(recipe, init_seed=3)
+    with torch.no_grad():  # non-zero heads, so the images depend on the stored weights
+        for g in model.groups:
+            g.proj_out.weight.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+    path = save_digits_model(model, tok, str(tmp_path / "ckpt"), recipe)
+    pipe = load_pipeline(path, device="cpu")
+    for name, t in model.state_dict().items():
+        torch.testing.assert_close(pipe.model.state_dict()[name], t, rtol=0, atol=0)
+    assert load_pipeline(str(tmp_path / "ckpt"))(["digit 1"], steps=2).shape == (1, 8, 8, 1)
+
+    bad = tmp_path / "bad"
+    shutil.copytree(path, bad)
+    cfg = json.load(open(bad / "config.json"))
+    cfg["metadata"]["backbone_sha256"] = "0" * 64
+    json.dump(cfg, open(bad / "config.json", "w"))
+    with pytest.raises(ValueError, match="SHA-256"):
+        load_pipeline(str(bad))
+
+
+def test_missing_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_pipeline(str(tmp_path / "nothing"))
