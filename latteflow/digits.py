@@ -34,9 +34,12 @@ from .vae import PixelAutoencoder
 __all__ = ["DIGITS_BACKBONE", "DigitsRecipe", "PromptContexts", "backbone_checksum", "build_digits_model",
            "digits_backbone_config", "evaluate_model", "sample_labels", "train_digits"]
 
-# The shrunk Qwen2-VL text shapes of the digits model (head_dim 16; mrope_section sums to 8).
+# The shrunk Qwen2-VL text shapes of the digits model (head_dim 16; mrope_section sums to 8). The random
+# weights are drawn with std 0.3 rather than transformers' 0.02: at 0.02 the frozen context keys are so
+# small that attention over them is uniform and the one token naming the digit barely reaches the image
+# tokens (measured: conditional accuracy at chance after 300 steps at 0.02 and 0.1, 0.79 at 0.3).
 DIGITS_BACKBONE = dict(hidden_size=64, num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2,
-                       intermediate_size=128, mrope_section=[2, 3, 3], initializer_range=0.02)
+                       intermediate_size=128, mrope_section=[2, 3, 3], initializer_range=0.3)
 EMA_DIR = "ema"
 MODEL_DIR = "model"
 CHECKPOINT_DIR = "checkpoints"
@@ -271,6 +274,7 @@ def train_digits(out_dir: str, *, steps: int, seed: int = 0, recipe: Optional[Di
     os.makedirs(os.path.join(ckpt_dir, EMA_DIR), exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     t_start = time.perf_counter()
+    commit = _git_commit()  # before training: the code that trains, not what the tree holds at the end
     model, tok = build_digits_model(recipe, init_seed=seed, device=device)
     data = make_batches(model, tok, batch_size, seed)
     contexts = PromptContexts(model, tok)
@@ -326,7 +330,7 @@ def train_digits(out_dir: str, *, steps: int, seed: int = 0, recipe: Optional[Di
     model.eval()
     manifest = {
         "command": command,
-        "commit": _git_commit(),
+        "commit": commit,
         "seed": seed,
         "steps": steps,
         "resumed_from_step": None if start is None else int(os.path.basename(start).split("_")[1]),
