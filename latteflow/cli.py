@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder: checkpoints/, losses.csv, model/ (the result)")
     p.add_argument("--steps", type=_positive_int, required=True, help="optimizer steps in total")
     p.add_argument("--seed", type=_nonneg_int, default=0, help="seed of init, batches, timesteps and noise")
-    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--batch-size", type=_positive_int, default=32)
     p.add_argument("--lr", type=_positive_float, default=1e-3)
     p.add_argument("--ema", type=_finite_float, default=0.999, help="EMA decay of the exported weights")
     p.add_argument("--checkpoint-every", type=_nonneg_int, default=250, help="steps between checkpoints (0: none)")

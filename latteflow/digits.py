@@ -244,7 +244,7 @@ def save_digits_model(model: LatteFlowModel, tokenizer: CharTokenizer, path: str
 
 
 def train_digits(out_dir: str, *, steps: int, seed: int = 0, recipe: Optional[DigitsRecipe] = None,
-                 batch_size: int = 64, lr: float = 1e-3, ema_decay: float = 0.999, checkpoint_every: int = 250,
+                 batch_size: int = 32, lr: float = 1e-3, ema_decay: float = 0.999, checkpoint_every: int = 250,
                  resume: bool = False, eval_per_class: int = 50, eval_steps: int = 40, guidance: float = 5.0,
                  eval_at: Sequence[int] = (), progress: bool = True, command: Optional[str] = None,
                  log: Callable[[str], None] = print) -> dict:
