@@ -214,8 +214,10 @@ def _cmd_eval(a) -> int:
 
 
 def _cmd_bench(a) -> int:
+    import importlib
+
     try:
-        from benchmarks import e2e
+        e2e = importlib.import_module("benchmarks.e2e")
     except ImportError as e:
         raise UsageError(f"bench needs the benchmarks.e2e module, which is not importable here ({e})") from None
     rc = e2e.main(list(a.args))
