@@ -32,14 +32,14 @@ MODELS = {
     "vanilla_couple": DigitsRecipe(variant="vanilla_couple", num_groups=1, residual_attention=False),
     "latte_couple_no_residual": DigitsRecipe(variant="couple", num_groups=4, residual_attention=False),
 }
-FIELDS = ["model", "variant", "groups", "residual_attention", "train_step", "accuracy", "frechet_distance",
+FIELDS = ["model", "seed", "variant", "groups", "residual_attention", "train_step", "accuracy", "frechet_distance",
           "spread_generated", "spread_real", "num_samples", "train_seconds", "sample_s_per_img",
           "layer_calls_per_step", "batch", "device", "commit"]
 
 
 def _train_one(name: str, recipe: DigitsRecipe, work: str, steps: int, eval_at: List[int], per_class: int,
                seed: int) -> dict:
-    folder = os.path.join(work, name)
+    folder = os.path.join(work, f"{name}_seed{seed}")
     done = os.path.join(folder, "claims_result.json")
     if os.path.isfile(done):
         with open(done) as f:
@@ -67,7 +67,7 @@ def _time_sampling(work: str, names: List[str], repeats: int, batch: int, steps:
     from .pipeline import load_pipeline
     from .sampler import group_step_counts, sample
 
-    pipes = {n: load_pipeline(os.path.join(work, n)) for n in names}
+    pipes = {n: load_pipeline(os.path.join(work, n)) for n in names}  # n: a trained model's folder
     runs = {}
     for n, p in pipes.items():
         ctx = PromptContexts(p.model, p.tokenizer)
@@ -98,15 +98,19 @@ def plot(rows: List[dict], path: str, device: str) -> None:
     import matplotlib.pyplot as plt
 
     names = list(dict.fromkeys(r["model"] for r in rows))
+    seeds = sorted({r["seed"] for r in rows})
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for n in names:
         pts = [r for r in rows if r["model"] == n and r["train_step"] != ""]
-        steps = [int(r["train_step"]) for r in pts]
-        axes[0].plot(steps, [float(r["accuracy"]) for r in pts], marker="o", label=n)
-        axes[1].plot(steps, [float(r["frechet_distance"]) for r in pts], marker="o", label=n)
-    axes[0].set(xlabel="training steps", ylabel="conditional accuracy", title="accuracy (higher is better)")
-    axes[1].set(xlabel="training steps", ylabel="Frechet distance", title="Frechet distance (lower is better)")
-    axes[1].set_yscale("log")
+        steps = sorted({int(r["train_step"]) for r in pts})
+        for ax, key in ((axes[0], "accuracy"), (axes[1], "frechet_distance")):
+            vals = [[float(r[key]) for r in pts if int(r["train_step"]) == st] for st in steps]
+            mean = [statistics.fmean(v) for v in vals]
+            err = [[m - min(v) for m, v in zip(mean, vals)], [max(v) - m for m, v in zip(mean, vals)]]
+            ax.errorbar(steps, mean, yerr=err, marker="o", capsize=3, label=n)
+    what = f"mean of seeds {seeds}, bars: min-max" if len(seeds) > 1 else f"seed {seeds[0]}"
+    axes[0].set(xlabel="training steps", ylabel="conditional accuracy", title=f"accuracy, higher is better ({what})")
+    axes[1].set(xlabel="training steps", ylabel="Frechet distance", title=f"Frechet distance, lower is better")
     timing = {r["model"]: float(r["sample_s_per_img"]) for r in rows if r["sample_s_per_img"] != ""}
     axes[2].bar(list(timing), [v * 1000 for v in timing.values()], color=["C0", "C1", "C2"][:len(timing)])
     axes[2].set(ylabel="ms / image (40 steps, CFG 5)", title="sampling time")
@@ -124,7 +128,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=1000, help="training steps per model")
     ap.add_argument("--evals", type=int, default=4, help="evaluation points, evenly spaced up to --steps")
     ap.add_argument("--per-class", type=int, default=30, help="samples per class at each evaluation")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", default="0", help="comma-separated training seeds (each model is trained once per seed)")
     ap.add_argument("--work", default="runs/digits_claims", help="folder for the trained models")
     ap.add_argument("--out", default="docs", help="folder for digits_claims.csv and .png")
     ap.add_argument("--timing-repeats", type=int, default=5)
@@ -137,16 +141,24 @@ def main(argv=None) -> int:
         ap.error(f"--models: unknown {unknown}; choose from {list(MODELS)}")
     if a.steps < 1 or a.evals < 1 or a.per_class < 2:
         ap.error("--steps and --evals must be >= 1, --per-class >= 2")
+    try:
+        seeds = sorted({int(x) for x in a.seeds.split(",") if x.strip()})
+    except ValueError:
+        ap.error(f"--seeds must be comma-separated ints, got {a.seeds!r}")
+    if not seeds or min(seeds) < 0:
+        ap.error("--seeds must hold non-negative ints")
     eval_at = sorted({max(1, round(a.steps * (i + 1) / a.evals)) for i in range(a.evals)})
     os.makedirs(a.work, exist_ok=True)
     os.makedirs(a.out, exist_ok=True)
-    results = {n: _train_one(n, MODELS[n], a.work, a.steps, eval_at, a.per_class, a.seed) for n in names}
-    timing = _time_sampling(a.work, names, a.timing_repeats, a.timing_batch, 40, 5.0)
+    results = {(n, sd): _train_one(n, MODELS[n], a.work, a.steps, eval_at, a.per_class, sd)
+               for sd in seeds for n in names}
+    timed = _time_sampling(a.work, [f"{n}_seed{seeds[0]}" for n in names], a.timing_repeats, a.timing_batch, 40, 5.0)
+    timing = {n: timed[f"{n}_seed{seeds[0]}"] for n in names}
     device = device_description("cpu" if not torch.cuda.is_available() else "cuda")
     rows = []
-    for n in names:
-        rec, res = MODELS[n], results[n]
-        base = {"model": n, "variant": rec.variant, "groups": rec.num_groups,
+    for (n, sd), res in results.items():
+        rec = MODELS[n]
+        base = {"model": n, "seed": sd, "variant": rec.variant, "groups": rec.num_groups,
                 "residual_attention": rec.residual_attention, "device": res["device"], "commit": res["commit"],
                 "train_seconds": round(res["train_seconds"], 1), "batch": "", "sample_s_per_img": "",
                 "layer_calls_per_step": "", "spread_real": ""}
@@ -155,6 +167,12 @@ def main(argv=None) -> int:
                              frechet_distance=round(e["frechet_distance"], 3),
                              spread_generated=round(e["spread_generated"], 4),
                              spread_real=round(e["spread_real"], 4), num_samples=e["num_samples"]))
+    for n in names:
+        res = results[(n, seeds[0])]
+        rec = MODELS[n]
+        base = {"model": n, "seed": seeds[0], "variant": rec.variant, "groups": rec.num_groups,
+                "residual_attention": rec.residual_attention, "commit": res["commit"],
+                "train_seconds": round(res["train_seconds"], 1), "spread_real": ""}
         rows.append(dict(base, train_step="", accuracy="", frechet_distance="", spread_generated="",
                          num_samples="", batch=a.timing_batch, device=device,
                          sample_s_per_img=round(timing[n]["sample_s_per_img"], 5),
