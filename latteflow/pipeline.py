@@ -137,7 +137,12 @@ def load_pipeline(checkpoint: Union[str, os.PathLike] = "digits", *, device=None
     path = resolve_checkpoint(checkpoint)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must name a torch device such as 'cpu' or 'cuda', got {device!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} requested but CUDA is not available here")
     config = read_config(path)
     tok_file = os.path.join(path, TOKENIZER_FILENAME)
     if not os.path.isfile(tok_file):

@@ -75,6 +75,7 @@ def test_sample_and_eval(trained, tmp_path, capsys):
     (["train", "--data", "digits", "--out", "{tmp}/run", "--steps", "0"], ["--steps"]),
     (["train", "--data", "cifar", "--out", "{tmp}/run", "--steps", "1"], ["--data"]),
     (["eval", "--per-class", "-3"], ["--per-class"]),
+    (["eval", "--device", "toaster"], ["device", "toaster"]),
     (["frobnicate"], ["frobnicate"]),
 ])
 def test_bad_arguments_give_one_line(args, words, tmp_path, capsys):
