@@ -98,7 +98,7 @@ def plot(rows: List[dict], path: str, device: str) -> None:
     import matplotlib.pyplot as plt
 
     names = list(dict.fromkeys(r["model"] for r in rows))
-    seeds = sorted({r["seed"] for r in rows})
+    seeds = sorted({int(r["seed"]) for r in rows})
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for n in names:
         pts = [r for r in rows if r["model"] == n and r["train_step"] != ""]
@@ -109,8 +109,8 @@ def plot(rows: List[dict], path: str, device: str) -> None:
             err = [[m - min(v) for m, v in zip(mean, vals)], [max(v) - m for m, v in zip(mean, vals)]]
             ax.errorbar(steps, mean, yerr=err, marker="o", capsize=3, label=n)
     what = f"mean of seeds {seeds}, bars: min-max" if len(seeds) > 1 else f"seed {seeds[0]}"
-    axes[0].set(xlabel="training steps", ylabel="conditional accuracy", title=f"accuracy, higher is better ({what})")
-    axes[1].set(xlabel="training steps", ylabel="Frechet distance", title=f"Frechet distance, lower is better")
+    axes[0].set(xlabel="training steps", ylabel="conditional accuracy", title="accuracy (higher is better)")
+    axes[1].set(xlabel="training steps", ylabel="Frechet distance", title="Frechet distance (lower is better)")
     timing = {r["model"]: float(r["sample_s_per_img"]) for r in rows if r["sample_s_per_img"] != ""}
     axes[2].bar(list(timing), [v * 1000 for v in timing.values()], color=["C0", "C1", "C2"][:len(timing)])
     axes[2].set(ylabel="ms / image (40 steps, CFG 5)", title="sampling time")
@@ -118,7 +118,8 @@ def plot(rows: List[dict], path: str, device: str) -> None:
     for ax in axes[:2]:
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(f"LaTtE-Flow vs Vanilla Couple on 8x8 digits ({device})", fontsize=10)
+    fig.suptitle(f"LaTtE-Flow vs Vanilla Couple on 8x8 digits, {what}; 40 steps, guidance 5 ({device})",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
