@@ -123,19 +123,19 @@ class GenerationLayer(nn.Module):
 
 
 class ExpertGroup(nn.Module):
-    """One timestep expert: M consecutive generation layers with their own input projection, timestep
-    embedding and zero-initialised output head (RMSNorm + Linear). Its output depends on no other
-    group's parameters. ``layer_offset`` is the index of its first layer in the backbone (and context)."""
+    """One timestep expert: M consecutive generation layers with their own input projection and
+    zero-initialised output head (RMSNorm + Linear). It reads the model's shared timestep embedding
+    ``h_t`` as an input and depends on no other group's parameters. ``layer_offset`` is the index of
+    its first layer in the backbone (and context)."""
 
     def __init__(self, decoder_layers: Sequence[nn.Module], *, layer_offset: int, token_dim: int, hidden_size: int,
-                 rms_eps: float, timestep_dim: int, share_attention: bool, residual_attention: bool,
+                 rms_eps: float, share_attention: bool, residual_attention: bool,
                  grid_hw: Tuple[int, int], rope_theta: float, backend: str):
         super().__init__()
         self.layer_offset = layer_offset
         p = decoder_layers[0].self_attn.q_proj.weight
         dd = dict(device=p.device, dtype=p.dtype)
         self.input_proj = nn.Linear(token_dim, hidden_size, **dd)
-        self.time_embed = TimestepEmbedding(timestep_dim, hidden_size).to(**dd)
         self.layers = nn.ModuleList(
             GenerationLayer(layer, share_attention=share_attention, gate=residual_attention and j > 0,
                             grid_hw=grid_hw, rope_theta=rope_theta, backend=backend)
@@ -146,12 +146,11 @@ class ExpertGroup(nn.Module):
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
 
-    def forward(self, tokens: Tensor, s: Tensor, keys: Sequence[Tensor], values: Sequence[Tensor],
+    def forward(self, tokens: Tensor, h_t: Tensor, keys: Sequence[Tensor], values: Sequence[Tensor],
                 ctx_lens: Tensor) -> Tensor:
-        """``tokens`` (B, N, C*p*p) noisy latent tokens, ``s`` (B,) timesteps in [0, 1000]; ``keys`` /
-        ``values`` the whole model's per-layer context (this group reads its own layers)."""
+        """``tokens`` (B, N, C*p*p) noisy latent tokens, ``h_t`` (B, hidden) the timestep embedding;
+        ``keys`` / ``values`` the whole model's per-layer context (this group reads its own layers)."""
         w = self.input_proj.weight
-        h_t = self.time_embed(s)
         h = self.input_proj(tokens.to(w.dtype)) + h_t[:, None, :]
         prev = None
         for j, layer in enumerate(self.layers):

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from .config import LatteFlowConfig
 from .context import Context, build_context, text_model
-from .layers import ExpertGroup, patchify, unpatchify
+from .layers import ExpertGroup, TimestepEmbedding, patchify, unpatchify
 
 
 class _SampleDraws:
@@ -77,10 +77,14 @@ class LatteFlowModel(nn.Module):
         self.layers_per_group = per_group
         self.hidden_size = tcfg.hidden_size
         self.backbone = backbone
+        p = layers[0].self_attn.q_proj.weight
+        # one timestep embedding for all groups (SPEC 3): it belongs to no group, so a group's output
+        # still depends on no other group's parameters
+        self.time_embed = TimestepEmbedding(cfg.timestep_dim, tcfg.hidden_size).to(device=p.device, dtype=p.dtype)
         self.groups = nn.ModuleList(
             ExpertGroup(
                 layers[k * per_group:(k + 1) * per_group], layer_offset=k * per_group, token_dim=cfg.token_dim,
-                hidden_size=tcfg.hidden_size, rms_eps=tcfg.rms_norm_eps, timestep_dim=cfg.timestep_dim,
+                hidden_size=tcfg.hidden_size, rms_eps=tcfg.rms_norm_eps,
                 share_attention=cfg.is_blend, residual_attention=cfg.residual_attention,
                 grid_hw=cfg.grid_hw, rope_theta=cfg.rope_theta, backend=cfg.backend,
             )
@@ -93,6 +97,7 @@ class LatteFlowModel(nn.Module):
             self.backbone.eval()
         for group in self.groups:  # after freezing: in blend, shared q/k/v/o belong to the groups too
             group.requires_grad_(True)
+        self.time_embed.requires_grad_(True)
 
     # ----------------------------------------------------------------------------------------------
     def train(self, mode: bool = True) -> "LatteFlowModel":
@@ -143,7 +148,8 @@ class LatteFlowModel(nn.Module):
         sampler's CUDA graphs capture this). ``sigma`` (B,), ``ctx`` with B rows."""
         cfg = self.cfg
         tokens = patchify(x, cfg.patch_size)
-        out = self.groups[k](tokens, sigma * 1000.0, ctx.keys, ctx.values, ctx.ctx_lens)
+        h_t = self.time_embed(sigma * 1000.0)
+        out = self.groups[k](tokens, h_t, ctx.keys, ctx.values, ctx.ctx_lens)
         return unpatchify(out, cfg.grid_hw, cfg.patch_size).to(x.dtype)
 
     def velocity(self, x: Tensor, sigma, ctx: Context) -> Tensor:

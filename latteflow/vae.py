@@ -5,7 +5,7 @@ tensors, plus ``latent_channels`` and ``downsample`` (latent side = image side /
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 import torch
 import torch.nn.functional as F

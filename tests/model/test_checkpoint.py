@@ -22,7 +22,7 @@ def test_couple_round_trip_stores_only_the_generation_path(tiny, tmp_path):
     path = save_checkpoint(model, str(tmp_path / "ck"), metadata={"note": "x"})
     names = set(load_file(os.path.join(path, WEIGHTS_NAME)))
     assert names and not any(n.startswith("backbone.") for n in names)
-    assert names == {n for n in model.state_dict() if n.startswith("groups.")}
+    assert names == {n for n in model.state_dict() if not n.startswith("backbone.")}  # groups + time_embed
     config = read_config(path)
     assert config["latteflow"] == json.loads(json.dumps(model.cfg.to_dict()))
     assert config["metadata"] == {"note": "x"} and not config["includes_backbone"]

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from latteflow import LatteFlowModel
+from latteflow import LatteFlowConfig, LatteFlowModel
 from latteflow.context import build_context, text_model
 
 
@@ -83,13 +83,18 @@ def test_residual_gate_and_context_reach_the_velocity(tiny):
     assert not torch.allclose(v, v_nogate, atol=1e-4)
 
 
-def test_fused_and_reference_backends_agree(tiny):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_fused_and_reference_backends_agree(tiny, device):
+    """float32: the fused ops (Triton/CUDA on GPU, their CPU path here) against the plain references."""
     ref, ctx, _ = _setup(tiny, backend="reference")
-    fused = LatteFlowModel(tiny.make_backbone(num_layers=4), ref.cfg.__class__.from_dict({**ref.cfg.to_dict(), "backend": "fused"}))
+    fused_cfg = LatteFlowConfig.from_dict({**ref.cfg.to_dict(), "backend": "fused"})
+    fused = LatteFlowModel(tiny.make_backbone(num_layers=4), fused_cfg)
+    assert fused.groups[0].layers[0].backend == "fused" and ref.groups[0].layers[0].backend == "reference"
     fused.load_state_dict(ref.state_dict())
-    x = torch.randn(2, 4, 4, 4)
+    ref, fused, ctx = ref.to(device), fused.to(device), ctx.to(device)
+    x = torch.randn(2, 4, 4, 4, device=device)
     for s in ([0.95, 0.8], [0.2, 0.05]):
-        s = torch.tensor(s)
+        s = torch.tensor(s, device=device)
         with torch.no_grad():
             torch.testing.assert_close(fused.velocity(x, s, ctx), ref.velocity(x, s, ctx), atol=1e-5, rtol=1e-5)
 
