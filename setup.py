@@ -1,6 +1,39 @@
-"""Install: ``pip install -e .[test]``. The C++/CUDA extension for context attention is built here
-when a compiler is present (see ``latte_kernels/_ext.py`` for the just-in-time fallback)."""
+"""Install: ``pip install --no-build-isolation -e .[test]`` (the extension builds against the torch
+already installed, so pip must not hide it in an isolated build environment).
+
+The context-attention extension ``latte_kernels._C`` is built here: a CUDAExtension (csrc/*.cpp +
+csrc/*.cu for sm_80 and sm_90) when torch has CUDA and a CUDA toolkit is found, else a CppExtension
+(csrc/*.cpp, the CPU kernel). A failing compiler fails the install. If torch cannot be imported
+(pip's build isolation), the package installs without it and ``latte_kernels/_ext.py`` builds it just
+in time on first use in a source checkout."""
+import glob
+import sys
+
 from setuptools import find_packages, setup
+
+
+def extension_build():
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+    except ImportError:
+        print("setup.py: torch is not importable here (pip build isolation?); latte_kernels._C is not built now "
+              "and will be built just in time on first use. Use `pip install --no-build-isolation -e .` to build "
+              "it at install time.", file=sys.stderr)
+        return [], {}
+    cpp = sorted(glob.glob("csrc/*.cpp"))
+    cxx = ["-O3", "-std=c++17"]
+    if torch.version.cuda is not None and CUDA_HOME is not None:
+        nvcc = ["-O3", "-std=c++17", "-DLATTE_WITH_CUDA", "-gencode=arch=compute_80,code=sm_80",
+                "-gencode=arch=compute_90,code=sm_90"]
+        ext = CUDAExtension("latte_kernels._C", cpp + sorted(glob.glob("csrc/*.cu")),
+                            extra_compile_args={"cxx": cxx + ["-DLATTE_WITH_CUDA"], "nvcc": nvcc})
+    else:
+        ext = CppExtension("latte_kernels._C", cpp, extra_compile_args={"cxx": cxx})
+    return [ext], {"build_ext": BuildExtension}  # ninja when installed, else setuptools' compiler
+
+
+ext_modules, cmdclass = extension_build()
 
 setup(
     name="latteflow",
@@ -8,6 +41,8 @@ setup(
     description="Fused kernels and a fast sampler for LaTtE-Flow (layerwise timestep-expert flow transformers)",
     python_requires=">=3.10",
     packages=find_packages(include=["latte_kernels", "latte_kernels.*", "latteflow", "latteflow.*", "benchmarks"]),
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
     install_requires=[
         "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux'",
@@ -17,6 +52,7 @@ setup(
         "pillow",
         "tqdm",
         "scikit-learn",
+        "ninja",  # the just-in-time build of the extension (latte_kernels/_ext.py)
     ],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "hypothesis"],

@@ -68,7 +68,8 @@ def bench(fn: Callable[[], object], device: Optional[torch.device] = None, warmu
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
-    q = statistics.quantiles(times, n=10) if len(times) >= 2 else times * 9
+    # "inclusive" interpolates between observed times; the default extrapolates (negative p20 on 3 samples)
+    q = statistics.quantiles(times, n=10, method="inclusive") if len(times) >= 2 else times * 9
     return {"ms_p50": statistics.median(times), "ms_p20": q[1], "ms_p80": q[7]}
 
 

@@ -4,8 +4,9 @@
   ``latte_kernels`` was imported (that is how CI exercises the kernels), for float16, bfloat16 and
   float32 (the interpreter has no bfloat16, so CPU bfloat16 takes the reference). float64 always
   takes the reference: it exists for ``gradcheck``.
-- The context-attention extension (``csrc/``) runs on CPU and CUDA whenever it is built or can be
-  built just in time; see ``_ext.py``.
+- The context-attention extension (``csrc/``) runs on CPU for every float dtype (float64 computed in
+  float64, so ``gradcheck`` goes through the C++ kernel) and on CUDA for float16, bfloat16 and
+  float32 (CUDA float64 takes the reference); ``_ext.py`` builds or loads it.
 - Everything else takes the plain-PyTorch reference.
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_CUDA_EXT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def triton_runs(*tensors: torch.Tensor) -> bool:
@@ -28,3 +30,10 @@ def triton_runs(*tensors: torch.Tensor) -> bool:
     if t.device.type == "cuda":
         return True
     return t.device.type == "cpu" and INTERPRET and t.dtype != torch.bfloat16
+
+
+def extension_runs(t: torch.Tensor) -> bool:
+    """Whether the csrc extension handles this (validated) tensor's op."""
+    if t.device.type == "cpu":
+        return True
+    return t.device.type == "cuda" and t.dtype in _CUDA_EXT_DTYPES

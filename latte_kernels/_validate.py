@@ -194,7 +194,8 @@ def values_checkable(t: Tensor) -> bool:
         return False
     if t.is_cuda and torch.cuda.is_current_stream_capturing():
         return False
-    return not isinstance(t, torch._subclasses.FakeTensor) and t.device.type != "meta"
+    # is_fake also sees fake tensors wrapped by functionalization (AOT autograd tracing a composite op)
+    return not torch._subclasses.fake_tensor.is_fake(t) and t.device.type != "meta"
 
 
 def check_ctx_lens_values(ctx_lens: Tensor, nc: int) -> None:

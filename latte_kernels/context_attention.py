@@ -1,15 +1,80 @@
-"""Image queries attending to a cached, padded context (SPEC 2.4)."""
+"""Image queries attending to a cached, padded context (SPEC 2.4).
+
+The kernels are the C++/CUDA extension in ``csrc/`` (``torch.ops.latte_ext``; ``_ext.py`` loads or
+builds it). This module adds what the op needs from Python once the library is loaded: the fake
+(meta) implementations for ``torch.compile``, and autograd through both outputs, the LSE included.
+"""
 from __future__ import annotations
 
 from typing import Optional, Tuple
 
+import torch
 from torch import Tensor
 
-from . import reference
+from . import _backend, _ext, reference
+from . import _validate as V
+
+_REGISTERED = False
+
+
+def _lse_dtype(q: Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def _fake_forward(q, k_ctx, v_ctx, ctx_lens, scale):
+    b, n, h, _ = q.shape
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((b, h, n), dtype=_lse_dtype(q))
+
+
+def _fake_backward(grad_out, grad_lse, q, k_ctx, v_ctx, ctx_lens, out, lse, scale):
+    c = torch.contiguous_format
+    return (torch.empty_like(q, memory_format=c), torch.empty_like(k_ctx, memory_format=c),
+            torch.empty_like(v_ctx, memory_format=c))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k_ctx, v_ctx, ctx_lens, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k_ctx, v_ctx, ctx_lens, out, lse)
+    ctx.scale = scale
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k_ctx, v_ctx, ctx_lens, out, lse = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    if grad_lse is None:
+        grad_lse = torch.zeros_like(lse)
+    dq, dk, dv = torch.ops.latte_ext.context_attention_backward(
+        grad_out, grad_lse, q, k_ctx, v_ctx, ctx_lens, out, lse, ctx.scale
+    )
+    return dq, dk, dv, None, None
+
+
+@torch.compiler.assume_constant_result
+def ensure_registered() -> bool:
+    """Loads the extension and registers its fakes and autograd, once. Under ``torch.compile`` this
+    runs at trace time and folds to a constant, so a first call inside a compiled region works."""
+    global _REGISTERED
+    if not _REGISTERED:
+        _ext.load()
+        torch.library.register_fake("latte_ext::context_attention", _fake_forward)
+        torch.library.register_fake("latte_ext::context_attention_backward", _fake_backward)
+        torch.library.register_autograd("latte_ext::context_attention", _backward, setup_context=_setup_context)
+        _REGISTERED = True
+    return True
 
 
 def context_attention(
     q: Tensor, k_ctx: Tensor, v_ctx: Tensor, ctx_lens: Optional[Tensor] = None, *, scale: Optional[float] = None
 ) -> Tuple[Tensor, Tensor]:
-    """``softmax(scale q k_ctx^T) v_ctx`` over the first ``ctx_lens[b]`` keys; returns (out, lse)."""
-    return reference.context_attention(q, k_ctx, v_ctx, ctx_lens, scale=scale)
+    """``softmax(scale q k_ctx^T) v_ctx`` over the first ``ctx_lens[b]`` keys; returns (out, lse).
+
+    q (B, Nq, Hq, D); k_ctx, v_ctx (B, Nc, Hkv, D) padded to Nc; ctx_lens int (B,) in [0, Nc] or None
+    (all Nc). lse (B, Hq, Nq) float32 natural log; a row with no key gives out 0 and lse -inf.
+    """
+    scale = V.check_context_attention(q, k_ctx, v_ctx, ctx_lens, scale)
+    if not _backend.extension_runs(q):
+        return reference.context_attention(q, k_ctx, v_ctx, ctx_lens, scale=scale)
+    ensure_registered()
+    return torch.ops.latte_ext.context_attention(q, k_ctx, v_ctx, ctx_lens, scale)

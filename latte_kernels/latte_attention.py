@@ -1,11 +1,42 @@
-"""The whole attention of one LaTtE-Flow generation layer (SPEC 2.6)."""
+"""The whole attention of one LaTtE-Flow generation layer (SPEC 2.6).
+
+``latte::latte_attention`` is a registered op with a ``CompositeImplicitAutograd`` implementation:
+it is, by definition, ``context_attention(rope_2d(q), k_ctx, v_ctx, ctx_lens)`` merged inside
+``residual_attention(q, k, v, ..., state=that, rope_grid=grid_hw)``, composed from the public ops so
+that whichever kernels they run (Triton, CUDA extension, reference) plug in here. Autograd, fakes and
+``torch.compile`` come from the parts.
+"""
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
+import torch
 from torch import Tensor
 
-from . import reference
+from . import _validate as V
+
+_lib = torch.library.Library("latte", "FRAGMENT")
+_lib.define(
+    "latte_attention(Tensor q, Tensor k, Tensor v, int[] grid_hw, Tensor k_ctx, Tensor v_ctx, Tensor? ctx_lens, "
+    "Tensor? q_prev, Tensor? k_prev, Tensor? gate, float? scale, float rope_theta) -> Tensor"
+)
+
+
+def _composite(q: Tensor, k: Tensor, v: Tensor, grid_hw: List[int], k_ctx: Tensor, v_ctx: Tensor,
+               ctx_lens: Optional[Tensor], q_prev: Optional[Tensor], k_prev: Optional[Tensor],
+               gate: Optional[Tensor], scale: Optional[float], rope_theta: float) -> Tensor:
+    from .context_attention import context_attention
+    from .residual_attention import residual_attention
+    from .rope import rope_2d
+
+    grid = (int(grid_hw[0]), int(grid_hw[1]))
+    state = context_attention(rope_2d(q, grid, theta=rope_theta), k_ctx, v_ctx, ctx_lens, scale=scale)
+    out, _ = residual_attention(q, k, v, q_prev=q_prev, k_prev=k_prev, gate=gate, scale=scale, state=state,
+                                rope_grid=grid, rope_theta=rope_theta)
+    return out
+
+
+_lib.impl("latte_attention", _composite, "CompositeImplicitAutograd")
 
 
 def latte_attention(
@@ -23,8 +54,12 @@ def latte_attention(
     scale: Optional[float] = None,
     rope_theta: float = 10000.0,
 ) -> Tensor:
-    """Image tokens attend to themselves (2D RoPE on ``grid_hw``, gated residual) and the context."""
-    return reference.latte_attention(
-        q, k, v, grid_hw, k_ctx=k_ctx, v_ctx=v_ctx, ctx_lens=ctx_lens, q_prev=q_prev, k_prev=k_prev,
-        gate=gate, scale=scale, rope_theta=rope_theta,
+    """Image tokens attend to themselves (2D RoPE on ``grid_hw``, gated residual) and the context.
+
+    ``q, k, v, q_prev, k_prev`` are un-rotated projections; ``k_ctx`` is already rotated (M-RoPE).
+    """
+    scale, grid, rope_theta = V.check_latte_attention(
+        q, k, v, grid_hw, k_ctx, v_ctx, ctx_lens, q_prev, k_prev, gate, scale, rope_theta
     )
+    return torch.ops.latte.latte_attention(q, k, v, list(grid), k_ctx, v_ctx, ctx_lens, q_prev, k_prev, gate,
+                                           scale, rope_theta)

@@ -140,12 +140,16 @@ def _softmax_attend(logits: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
 
 
 def _context_attention(q, k_ctx, v_ctx, ctx_lens, scale) -> Tuple[Tensor, Tensor]:
-    logits = _logits(q, k_ctx, scale)
+    valid = None
     if ctx_lens is not None:
         valid = torch.arange(k_ctx.shape[1], device=q.device) < ctx_lens.to(q.device)[:, None]  # (B, Nc)
-        logits = logits.masked_fill(~valid[:, None, None, :], float("-inf"))
-        # padded slots do not exist: garbage there (even NaN) must not reach the output
+        # padded slots do not exist: garbage there (even NaN) must reach neither the output nor the
+        # gradients (dq = dlogits @ k_ctx would turn 0 * NaN from a padded key into NaN)
+        k_ctx = k_ctx.masked_fill(~valid[:, :, None, None], 0)
         v_ctx = v_ctx.masked_fill(~valid[:, :, None, None], 0)
+    logits = _logits(q, k_ctx, scale)
+    if valid is not None:
+        logits = logits.masked_fill(~valid[:, None, None, :], float("-inf"))
     out, lse = _softmax_attend(logits, v_ctx)
     return out.to(q.dtype), lse
 

@@ -5,9 +5,12 @@ owning ``s_i = 1000 (T - i) / T`` (computed exactly on the host, strict partitio
 ``x += (sigma_{i+1} - sigma_i) v``. With a null context the conditional and null rows run as one
 batch (their ``ctx_lens`` differ) and ``v = v_u + w (v_c - v_u)``.
 
-On CUDA with ``cuda_graphs=True`` every group that the schedule uses is captured once, before the
-loop, as a graph reading static ``x`` / ``sigma`` buffers and the (static) context; the loop then only
-fills ``sigma``, replays and adds ``dt * v`` to ``x``: no host sync, no allocation.
+On CUDA with ``cuda_graphs=True`` every group's step is captured once as a graph reading static
+``x``, ``sigma``, guidance and context buffers (``StepGraphs``), and replayed for that group's steps;
+the loop only fills ``sigma``, replays and adds ``dt * v`` to ``x``: no host sync, no allocation. The
+graphs are kept on the model and reused by later ``sample`` calls of the same batch size and context
+bucket (a new prompt batch is copied into the static context), so capture is paid once per shape,
+not per call.
 """
 from __future__ import annotations
 
@@ -56,6 +59,65 @@ def _capture(fn: Callable[[], Tensor]) -> Tuple["torch.cuda.CUDAGraph", Tensor]:
     return graph, out
 
 
+CTX_BUCKET = 16  # context lengths are padded up to a multiple of this, so prompts of similar length share graphs
+
+
+def _guided_velocity(model, k: int, x: Tensor, sigma: Tensor, ctx: Context, w) -> Tensor:
+    """One step's velocity from group ``k``: CFG over a ``[cond; null]`` context when ``w`` is given."""
+    if w is None:
+        return model.group_velocity(k, x.to(model.dtype), sigma, ctx).float()
+    v_c, v_u = model.group_velocity(k, torch.cat([x, x]).to(model.dtype), sigma, ctx).float().chunk(2)
+    return v_u + w * (v_c - v_u)
+
+
+class StepGraphs:
+    """The per-group CUDA graphs of one sampling step for one shape (batch rows, context bucket, CFG or
+    not), with the static buffers they read: ``x``, ``sigma``, the guidance weight and the context.
+
+    ``load`` copies a new state and context into the buffers; ``velocity(k)`` captures group ``k`` on
+    first use and replays it after. The weights are read in place, so optimizer steps and
+    ``load_state_dict`` are seen by later replays; ``valid_for`` tells when the parameters moved to new
+    storage (``model.to(...)``) and the graphs must be dropped.
+    """
+
+    def __init__(self, model, x: Tensor, ctx: Context, guided: bool):
+        self.params = [p.data_ptr() for p in model.parameters()]
+        self.x = torch.empty_like(x)
+        self.sigma = torch.empty(ctx.batch_size, device=x.device, dtype=torch.float32)
+        self.w = torch.empty((), device=x.device, dtype=torch.float32) if guided else None
+        self.ctx = Context(tuple(t.clone() for t in ctx.keys), tuple(t.clone() for t in ctx.values), ctx.ctx_lens.clone())
+        self.graphs: Dict[int, Tuple[object, Tensor]] = {}
+        self.model = model
+
+    def valid_for(self, model) -> bool:
+        return [p.data_ptr() for p in model.parameters()] == self.params
+
+    def load(self, x: Tensor, ctx: Context, w: float) -> None:
+        self.x.copy_(x)
+        for dst, src in zip(self.ctx.keys + self.ctx.values, ctx.keys + ctx.values):
+            dst.copy_(src)
+        self.ctx.ctx_lens.copy_(ctx.ctx_lens)
+        if self.w is not None:
+            self.w.fill_(w)
+
+    def velocity(self, k: int) -> Tensor:
+        if k not in self.graphs:
+            self.graphs[k] = _capture(lambda: _guided_velocity(self.model, k, self.x, self.sigma, self.ctx, self.w))
+        graph, v = self.graphs[k]
+        graph.replay()
+        return v
+
+
+def _step_graphs(model, x: Tensor, ctx: Context, guided: bool) -> StepGraphs:
+    """The model's cached ``StepGraphs`` for this shape, made (or remade, if the weights moved) on demand."""
+    cache = model.__dict__.setdefault("_step_graphs", {})
+    key = (tuple(x.shape), x.device, model.dtype, ctx.batch_size, ctx.max_len, guided)
+    graphs = cache.get(key)
+    if graphs is None or not graphs.valid_for(model):
+        graphs = cache[key] = StepGraphs(model, x, ctx, guided)
+    return graphs
+
+
 @torch.no_grad()
 def sample(model, ctx: Context, null_ctx: Optional[Context] = None, *, steps: int = 40, guidance: float = 5.0,
            generator: Optional[torch.Generator] = None, cuda_graphs: bool = True, progress: bool = False,
@@ -85,27 +147,19 @@ def sample(model, ctx: Context, null_ctx: Optional[Context] = None, *, steps: in
 
     guided = null_ctx is not None
     run_ctx = Context.cat([ctx, null_ctx.to(device).expand_to(b)]) if guided else ctx
-    rows = run_ctx.batch_size
-    sigma_buf = torch.empty(rows, device=device, dtype=torch.float32)
-    w = float(guidance)
+    w = float(guidance) if guided else None
 
-    def step_fn(k: int) -> Callable[[], Tensor]:
-        def fn() -> Tensor:
-            x_in = torch.cat([x, x]) if guided else x
-            v = model.group_velocity(k, x_in.to(model.dtype), sigma_buf, run_ctx).float()
-            if not guided:
-                return v
-            v_c, v_u = v.chunk(2)
-            return v_u + w * (v_c - v_u)
-        return fn
+    if cuda_graphs and x.is_cuda:
+        run_ctx = run_ctx.pad_to(-(-run_ctx.max_len // CTX_BUCKET) * CTX_BUCKET)
+        graphs = _step_graphs(model, x, run_ctx, guided)
+        graphs.load(x, run_ctx, w)
+        x, sigma_buf = graphs.x, graphs.sigma
+        step = graphs.velocity
+    else:
+        sigma_buf = torch.empty(run_ctx.batch_size, device=device, dtype=torch.float32)
 
-    use_graphs = cuda_graphs and x.is_cuda
-    graphs: Dict[int, Tuple[object, Tensor]] = {}
-    if use_graphs:
-        for sig, _, k in schedule:  # capture each used group once, at its first sigma, before the loop
-            if k not in graphs:
-                sigma_buf.fill_(sig)
-                graphs[k] = _capture(step_fn(k))
+        def step(k: int) -> Tensor:
+            return _guided_velocity(model, k, x, sigma_buf, run_ctx, w)
 
     it = schedule
     if progress:
@@ -114,10 +168,5 @@ def sample(model, ctx: Context, null_ctx: Optional[Context] = None, *, steps: in
         it = tqdm(schedule, desc="sampling", leave=False)
     for sig, nxt, k in it:
         sigma_buf.fill_(sig)
-        if use_graphs:
-            graph, v = graphs[k]
-            graph.replay()
-        else:
-            v = step_fn(k)()
-        x.add_(v, alpha=nxt - sig)
-    return x
+        x.add_(step(k), alpha=nxt - sig)
+    return x.clone() if cuda_graphs and x.is_cuda else x

@@ -102,3 +102,12 @@ def test_cuda_graph_replay_equals_eager(tiny):
     torch.testing.assert_close(graphed2, sample(model, ctx, null, steps=12, guidance=4.0, noise=noise2, cuda_graphs=False),
                                atol=1e-5, rtol=1e-5)
     assert not torch.allclose(graphed, graphed2)
+    # later calls reuse the captured graphs: a new prompt batch and guidance are copied into the
+    # static buffers, and the result still equals eager
+    (cached,) = model._step_graphs.values()
+    captured = dict(cached.graphs)
+    swapped = sample(model, null.expand_to(2), ctx.index_select(torch.tensor([1, 0], device="cuda")), steps=12,
+                     guidance=2.0, noise=noise, cuda_graphs=True)
+    assert len(model._step_graphs) == 1 and cached.graphs == captured
+    torch.testing.assert_close(swapped, sample(model, null.expand_to(2), ctx.index_select(torch.tensor([1, 0], device="cuda")),
+                                               steps=12, guidance=2.0, noise=noise, cuda_graphs=False), atol=1e-5, rtol=1e-5)

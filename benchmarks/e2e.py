@@ -1,0 +1,528 @@
+"""End-to-end sampling benchmark: seconds per image of LaTtE-Flow against the vanilla baseline.
+
+    python -m benchmarks.e2e                 # CUDA: the paper configuration, rows to benchmarks/results/<gpu>.csv
+    python -m benchmarks.e2e --no-compile    # skip the torch.compile mode (its max-autotune compile takes minutes)
+    python -m benchmarks.e2e --small         # the small configuration (what a CPU-only machine always runs)
+
+The paper configuration (SPEC 5): a random-weight backbone with the text shapes of Qwen2-VL-2B
+(``paper_qwen2vl_config()``: 28 layers, hidden 1536, 12 heads, 2 KV heads, head_dim 128, MLP 8960;
+nothing is downloaded), K = 4 expert groups of M = 7 layers, an 8 x 8 grid of 64 image tokens with 32
+latent channels, class prompts of 11 tokens ("class 007" through the character tokenizer, with <bos>
+and <eos>) and the null prompt "" (2 tokens), T = 40 Euler steps, classifier-free guidance 5, batch 1
+and 50, bfloat16.
+
+Modes (the ``provider`` column):
+
+- ``vanilla_couple-eager-reference``: the paper's baseline, all 28 layers every step, reference ops, eager;
+- ``latte-eager-reference``: LaTtE-Flow (7 layers per step, residual attention), reference ops, eager;
+- ``latte-eager-fused``: the same with the ``latte_kernels`` ops;
+- ``latte-graphs-fused``: the same with one CUDA graph per expert group (``cuda_graphs=True``);
+- ``latte-compile-reference``: ``torch.compile(mode="max-autotune")`` over the reference model's
+  per-group velocity; its compile time is measured apart (the first call) and kept out of s/img.
+
+One timed run is what a user pays for a batch: one backbone prefill over the conditional prompts and
+the null prompt together (``build_context``; one call, so the backbone's weights stream once), then
+``model.sample`` (T steps; for the graphs mode that includes the sampler's per-call graph capture).
+s/img = run time / B; the DC-AE f32c32 decode of the (B, 32, 8, 8) latents to (B, 3, 256, 256) images
+is timed apart (random weights, an ``AutoencoderDC`` config written to match dc-ae-f32c32-in-1.0).
+
+Where the time goes (arithmetic from the shapes, not a measurement). One Qwen2-VL-2B decoder layer
+holds 46.8 M parameters (q/k/v/o 5.5 M, MLP 41.3 M), so one LaTtE-Flow step (M = 7 layers) reads
+328 M parameters = 655 MB in bf16 and does 2 x 328 M FLOPs per token row; the baseline step (L = 28)
+reads 2.62 GB. With CFG a step has 2B x 64 token rows:
+
+- batch 1: 128 rows -> 84 GFLOP and 655 MB per step, 128 FLOP per byte, below the ridge point of an
+  H100 (~990 dense bf16 TFLOP/s over ~3.35 TB/s = ~295 FLOP/byte, datasheet figures): the step is
+  bound by streaming the 7 layers' weights once, ~0.2 ms per step, ~8 ms for 40 steps, plus ~0.8 ms
+  for the prefill's 2.6 GB. At ~0.2 ms per step, launching the step's ~100 kernels (a dozen or more per
+  layer) one by one from Python costs as much as the step itself: that is what CUDA graphs remove.
+- batch 50: 6400 rows -> 4.2 TFLOP per step, 6400 FLOP per byte: compute bound, ~4 ms per step at
+  datasheet rate, ~0.0034 s/img for 40 steps; the SPEC's 0.006 s/img needs ~57% of peak matmul.
+- the baseline does exactly L/M = 4x the layer FLOPs and bytes per step (minus the residual-attention
+  logits, which are tiny at 64 tokens), so where both run near their floor the speedup is ~4x; the
+  SPEC's ">= 5x over vanilla eager" counts on the eager baseline also losing time to launches.
+
+The floor printed per mode is exactly that model: per step ``max(FLOPs / matmul rate, bytes /
+bandwidth)`` with the matmul rate and copy bandwidth measured on the device in the same run, FLOPs =
+2 x (parameters hit by every token) x token rows + 2 x (per-row parameters: timestep MLP, gates) x rows
++ attention over (64 + context) keys (+ the residual logits), bytes = the group's parameters x their
+size + the context K/V it reads; plus the same for the prefill (all L layers, causal attention). It
+ignores activation traffic (at batch 1 it stays in L2, at batch 50 the step is compute bound anyway).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from .common import (RESULTS_DIR, device_name, measure_copy_bandwidth_gbps, measure_matmul_tflops, peak_memory_mb,
+                     results_path, write_row)
+
+# ----------------------------------------------------------------------------------------------------
+# modes
+
+
+@dataclass(frozen=True)
+class Mode:
+    name: str
+    variant: str
+    backend: str
+    cuda_graphs: bool = False
+    compile: bool = False
+
+    @property
+    def needs_cuda(self) -> bool:
+        return self.cuda_graphs or self.compile
+
+
+MODES: Tuple[Mode, ...] = (
+    Mode("vanilla_couple-eager-reference", "vanilla_couple", "reference"),
+    Mode("latte-eager-reference", "couple", "reference"),
+    Mode("latte-eager-fused", "couple", "fused"),
+    Mode("latte-graphs-fused", "couple", "fused", cuda_graphs=True),
+    Mode("latte-compile-reference", "couple", "reference", compile=True),
+)
+BASELINE = MODES[0].name
+MODE_NAMES = tuple(m.name for m in MODES)
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What one benchmark run builds: the backbone, the groups, the data shapes."""
+
+    small: bool
+    device: torch.device
+    dtype: torch.dtype
+    num_groups: int
+    grid_hw: Tuple[int, int]
+    latent_channels: int
+    steps: int
+    guidance: float
+    batches: Tuple[int, ...]
+    repeats: int
+
+
+# ----------------------------------------------------------------------------------------------------
+# roofline arithmetic
+
+
+def forward_cost(*, token_params: float, row_params: float, weight_params: float, rows: int, tokens: int,
+                 ctx_keys: int, layers: int, residual_layers: int, num_heads: int, head_dim: int,
+                 bytes_per_param: float, causal: bool = False, extra_bytes: float = 0.0) -> Tuple[float, float]:
+    """``(FLOPs, bytes)`` of one forward of a stack of attention layers over ``rows`` sequences.
+
+    FLOPs: ``2 * token_params * rows * tokens`` (every linear weight a token passes through) +
+    ``2 * row_params * rows`` (weights applied once per row: timestep MLP, residual gates) +
+    ``4 * rows * heads * tokens * keys * head_dim`` per layer (QK^T and PV; ``keys = tokens + ctx_keys``,
+    or ``(tokens + 1) / 2`` on average when ``causal``) + ``2 * rows * heads * tokens^2 * head_dim`` per
+    residual layer (the previous layer's image-image logits). Bytes: every weight read once
+    (``weight_params * bytes_per_param``) + ``extra_bytes`` (e.g. the context K/V)."""
+    for name, value in (("rows", rows), ("tokens", tokens), ("layers", layers), ("num_heads", num_heads),
+                        ("head_dim", head_dim)):
+        if value <= 0:
+            raise ValueError(f"{name} must be positive, got {value}")
+    if ctx_keys < 0 or residual_layers < 0 or residual_layers > layers:
+        raise ValueError(f"need ctx_keys >= 0 and 0 <= residual_layers <= layers, got {ctx_keys}, {residual_layers}")
+    keys = (tokens + 1) / 2 if causal else tokens + ctx_keys
+    flops = 2.0 * token_params * rows * tokens + 2.0 * row_params * rows
+    flops += layers * 4.0 * rows * num_heads * tokens * keys * head_dim
+    flops += residual_layers * 2.0 * rows * num_heads * tokens * tokens * head_dim
+    return flops, weight_params * bytes_per_param + extra_bytes
+
+
+def roofline_floor_s(flops: float, nbytes: float, matmul_tflops: float, bandwidth_gbps: float) -> float:
+    """The least time a step can take: ``max(flops / matmul rate, bytes / bandwidth)`` in seconds."""
+    if not (matmul_tflops > 0 and bandwidth_gbps > 0):
+        raise ValueError(f"rates must be positive, got {matmul_tflops} TFLOP/s and {bandwidth_gbps} GB/s")
+    return max(flops / (matmul_tflops * 1e12), nbytes / (bandwidth_gbps * 1e9))
+
+
+def _step_params(model, group) -> Tuple[int, int, int]:
+    """``(token_params, row_params, all_params)`` one step of ``group`` reads: the group's own weights
+    plus the model's shared timestep MLP; row parameters (the timestep MLP and the residual gates) act
+    once per row, every other weight once per token."""
+    time_embed = sum(p.numel() for p in model.time_embed.parameters())
+    total = sum(p.numel() for p in group.parameters()) + time_embed
+    row = time_embed + sum(layer.gate.weight.numel() for layer in group.layers if layer.gate is not None)
+    return total - row, row, total
+
+
+def sample_cost(model, batch: int, prompt_len: int, steps: int, guided: bool = True) -> Tuple[float, float, List[Tuple[float, float]]]:
+    """``(prefill FLOPs, prefill bytes, [(FLOPs, bytes) per sampling step])`` of one batch."""
+    from latteflow.context import text_model
+    from latteflow.sampler import timestep_schedule
+
+    layers = text_model(model.backbone).layers
+    attn = model.groups[0].layers[0]
+    heads, head_dim, kv_heads = attn.num_heads, attn.head_dim, attn.num_kv_heads
+    size = model.dtype.itemsize
+    backbone_params = sum(p.numel() for p in layers.parameters()) + sum(
+        p.numel() for p in text_model(model.backbone).norm.parameters())
+    # one prefill call over the B conditional prompts and the null prompt (padded to the same length)
+    prefill = forward_cost(token_params=backbone_params, row_params=0, weight_params=backbone_params, rows=batch + 1,
+                           tokens=prompt_len, ctx_keys=0, layers=len(layers), residual_layers=0, num_heads=heads,
+                           head_dim=head_dim, bytes_per_param=size, causal=True)
+    rows = 2 * batch if guided else batch
+    tokens = model.cfg.num_tokens
+    per_group = []
+    for group in model.groups:
+        token_p, row_p, all_p = _step_params(model, group)
+        m = len(group.layers)
+        residual = sum(layer.gate is not None for layer in group.layers)
+        ctx_bytes = m * 2 * rows * prompt_len * kv_heads * head_dim * size
+        per_group.append(forward_cost(token_params=token_p, row_params=row_p, weight_params=all_p, rows=rows,
+                                      tokens=tokens, ctx_keys=prompt_len, layers=m, residual_layers=residual,
+                                      num_heads=heads, head_dim=head_dim, bytes_per_param=size,
+                                      extra_bytes=ctx_bytes))
+    return prefill[0], prefill[1], [per_group[k] for _, _, k in timestep_schedule(model.cfg, steps)]
+
+
+# ----------------------------------------------------------------------------------------------------
+# building
+
+
+def dc_ae_config(small: bool) -> Dict[str, object]:
+    """An ``AutoencoderDC`` config: dc-ae-f32c32-in-1.0's architecture (32 latent channels, 32x spatial
+    compression over six stages of widths 128..1024, ResBlocks then EfficientViT blocks, batch-norm/ReLU
+    then RMSNorm/SiLU decoder stages), or, ``small``, the same structure at toy widths."""
+    widths = (8, 8, 16, 16, 32, 32) if small else (128, 256, 512, 512, 1024, 1024)
+    return dict(
+        in_channels=3, latent_channels=32, attention_head_dim=8 if small else 32,
+        encoder_block_types=["ResBlock"] * 3 + ["EfficientViTBlock"] * 3,
+        decoder_block_types=["ResBlock"] * 3 + ["EfficientViTBlock"] * 3,
+        encoder_block_out_channels=widths, decoder_block_out_channels=widths,
+        encoder_layers_per_block=(0, 1, 1, 1, 1, 1) if small else (0, 4, 8, 2, 2, 2),
+        decoder_layers_per_block=(0, 1, 1, 1, 1, 1) if small else (0, 5, 10, 2, 2, 2),
+        encoder_qkv_multiscales=((),) * 6, decoder_qkv_multiscales=((),) * 6,
+        decoder_norm_types=["batch_norm"] * 3 + ["rms_norm"] * 3, decoder_act_fns=["relu"] * 3 + ["silu"] * 3,
+        scaling_factor=0.3189,
+    )
+
+
+def build_backbone_for(setup: Setup):
+    from latteflow.backbones import build_backbone, paper_qwen2vl_config, tiny_qwen2vl_config
+
+    config = tiny_qwen2vl_config() if setup.small else paper_qwen2vl_config()
+    return build_backbone(config, seed=0, dtype=setup.dtype, device=setup.device)
+
+
+def build_model(backbone, setup: Setup, variant: str, backend: str, seed: int = 0):
+    """A ``LatteFlowModel`` over ``backbone`` whose zero-initialised output heads and residual gates get
+    small random values (so every path computes something non-trivial, as in a trained model)."""
+    from latteflow import LatteFlowConfig, LatteFlowModel
+
+    cfg = LatteFlowConfig(variant=variant, num_groups=setup.num_groups, latent_channels=setup.latent_channels,
+                          grid_hw=setup.grid_hw, backend=backend)
+    model = LatteFlowModel(backbone, cfg).eval()
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for group in model.groups:
+            w = group.proj_out.weight
+            w.copy_(torch.randn(w.shape, generator=gen) * 0.02)
+            for layer in group.layers:
+                if layer.gate is not None:
+                    g = layer.gate.weight
+                    g.copy_(torch.randn(g.shape, generator=gen) * 0.02)
+    return model
+
+
+def class_prompts(batch: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``batch`` class prompts ("class 000", ...; 11 tokens each) followed by the null prompt ("", 2 tokens),
+    right-padded into one ``(batch + 1, 11)`` batch."""
+    from latteflow.tokenizer import CharTokenizer
+
+    return CharTokenizer().encode([f"class {i % 1000:03d}" for i in range(batch)] + [""], device=device)
+
+
+def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, steps: int, guidance: float,
+             cuda_graphs: bool) -> torch.Tensor:
+    """What one timed run does: the prefill (conditional rows and the null row in one backbone call),
+    then T guided Euler steps. Returns the latents."""
+    from latteflow import Context
+
+    batch = input_ids.shape[0] - 1
+    with torch.no_grad():
+        ctx_all: Context = model.build_context(input_ids, attention_mask)
+        rows = torch.arange(batch + 1, device=input_ids.device)
+        ctx, null_ctx = ctx_all.index_select(rows[:batch]), ctx_all.index_select(rows[batch:])
+        generator = torch.Generator().manual_seed(0)
+        return model.sample(ctx, null_ctx, steps=steps, guidance=guidance, generator=generator,
+                            cuda_graphs=cuda_graphs)
+
+
+# ----------------------------------------------------------------------------------------------------
+# timing
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_runs(fn: Callable[[], object], device: torch.device, repeats: int) -> Dict[str, float]:
+    """Wall-clock ms of ``repeats`` calls (device synchronised around each): p50, p20, p80."""
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    if len(times) == 1:
+        return {"ms_p50": times[0], "ms_p20": times[0], "ms_p80": times[0]}
+    q = statistics.quantiles(times, n=10, method="inclusive")
+    return {"ms_p50": statistics.median(times), "ms_p20": q[1], "ms_p80": q[7]}
+
+
+def _compiled(model):
+    """``model.group_velocity`` replaced (on this instance) by ``torch.compile(mode="max-autotune")`` of it;
+    the sampler calls ``model.group_velocity``, so ``model.sample`` runs the compiled graphs."""
+    torch._dynamo.reset()  # a fresh compile per batch shape, never a silent dynamic-shape recompile
+    model.group_velocity = torch.compile(type(model).group_velocity.__get__(model), mode="max-autotune",
+                                         dynamic=False)
+    return model
+
+
+def _uncompiled(model) -> None:
+    model.__dict__.pop("group_velocity", None)
+    torch._dynamo.reset()
+
+
+# ----------------------------------------------------------------------------------------------------
+# main
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.e2e", description=__doc__.split("\n\n")[0],
+                                     epilog="See the module docstring (or benchmarks/README.md) for what is timed.")
+    parser.add_argument("--small", action="store_true",
+                        help="tiny backbone, K=4, 4x4 grid, T=4, batch 2, float32, eager modes only "
+                             "(always on without CUDA); rows go to a temp file unless --out is given")
+    parser.add_argument("--batch", type=_positive_int, nargs="+", default=None,
+                        help="batch sizes (default: 1 50; small: 2)")
+    parser.add_argument("--steps", type=_positive_int, default=None, help="Euler steps T (default 40; small: 4)")
+    parser.add_argument("--guidance", type=_finite_float, default=5.0, help="CFG weight (default 5)")
+    parser.add_argument("--repeats", type=_positive_int, default=None,
+                        help="timed runs per mode and batch, after one warm-up run (default 5; small: 3)")
+    parser.add_argument("--modes", nargs="+", choices=MODE_NAMES, default=None,
+                        help="modes to run (default: all that the device supports)")
+    parser.add_argument("--no-compile", action="store_true", help="skip latte-compile-reference")
+    parser.add_argument("--no-decode", action="store_true", help="skip the DC-AE decode timing")
+    parser.add_argument("--profile", action="store_true",
+                        help="also write a torch.profiler table of the top kernels per mode and batch "
+                             "(benchmarks/results/<device>_e2e_profile.txt; beside --out when given; a temp "
+                             "file for small/CPU runs)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="CSV to append rows to (default: benchmarks/results/<gpu>.csv for the paper "
+                             "configuration on CUDA, a temp file otherwise)")
+    return parser.parse_args(argv)
+
+
+def make_setup(args: argparse.Namespace) -> Setup:
+    cuda = torch.cuda.is_available()
+    small = args.small or not cuda
+    return Setup(
+        small=small,
+        device=torch.device("cuda" if cuda else "cpu"),
+        dtype=torch.float32 if small else torch.bfloat16,
+        num_groups=4,
+        grid_hw=(4, 4) if small else (8, 8),
+        latent_channels=32,
+        steps=args.steps or (4 if small else 40),
+        guidance=args.guidance,
+        batches=tuple(args.batch or ((2,) if small else (1, 50))),
+        repeats=args.repeats or (3 if small else 5),
+    )
+
+
+def select_modes(args: argparse.Namespace, setup: Setup) -> List[Mode]:
+    chosen = [m for m in MODES if args.modes is None or m.name in args.modes]
+    out = []
+    for m in chosen:
+        if m.compile and args.no_compile:
+            continue
+        if m.needs_cuda and (setup.small or setup.device.type != "cuda"):
+            if args.modes is not None:
+                print(f"skipping {m.name}: CUDA graphs and torch.compile run only in the CUDA paper configuration")
+            continue
+        out.append(m)
+    if not out:
+        raise SystemExit("no mode left to run (see --modes, --no-compile, --small)")
+    return out
+
+
+def _out_paths(args: argparse.Namespace, setup: Setup) -> Tuple[Path, Path]:
+    """(CSV, profile text): results/ only for the paper configuration on CUDA."""
+    real = setup.device.type == "cuda" and not setup.small
+    csv_path = args.out or (results_path(setup.device) if real else Path(tempfile.gettempdir()) / "e2e_smoke.csv")
+    if args.out is not None:
+        profile_path = args.out.with_name(f"{args.out.stem}_e2e_profile.txt")
+    elif real:
+        profile_path = RESULTS_DIR / f"{results_path(setup.device).stem}_e2e_profile.txt"
+    else:
+        profile_path = Path(tempfile.gettempdir()) / "e2e_smoke_profile.txt"
+    return csv_path, profile_path
+
+
+def _profile(fn: Callable[[], object], device: torch.device, title: str, path: Path) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        fn()
+        _sync(device)
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    with path.open("a") as f:
+        f.write(f"=== {title} ===\n{prof.key_averages().table(sort_by=key, row_limit=20)}\n\n")
+
+
+def _decode(setup: Setup, batch: int, csv_path: Path) -> Optional[Dict[str, float]]:
+    try:
+        from latteflow.vae import DCAutoencoder
+
+        vae = DCAutoencoder.from_config(dc_ae_config(setup.small))
+    except ImportError as e:
+        print(f"DC-AE decode skipped: {e} (pip install diffusers, or the package's 'dcae' extra)")
+        return None
+    vae = vae.to(device=setup.device, dtype=setup.dtype)
+    gen = torch.Generator().manual_seed(0)
+    latents = torch.randn(batch, 32, *setup.grid_hw, generator=gen).to(setup.device, setup.dtype)
+    with torch.no_grad():
+        images = vae.decode(latents)  # warm-up (cuDNN algorithm choice)
+        t = time_runs(lambda: vae.decode(latents), setup.device, setup.repeats)
+        mem = peak_memory_mb(lambda: vae.decode(latents), setup.device)
+    name = "dc-ae-f32c32" if not setup.small else "dc-ae-f32c32-toy"
+    shape = f"B={batch},T={setup.steps}"
+    write_row(dict(op="e2e", provider=name, mode="decode", shape=shape, peak_mem_mb="" if mem is None else mem, **t),
+              setup.device, csv_path)
+    print(f"{name:32s} B={batch:<3d} decode {tuple(latents.shape)} -> {tuple(images.shape)}: "
+          f"s/img p50 {t['ms_p50'] / 1e3 / batch:.4g} (p20 {t['ms_p20'] / 1e3 / batch:.4g}, "
+          f"p80 {t['ms_p80'] / 1e3 / batch:.4g}), reported apart from sampling")
+    del vae
+    return t
+
+
+def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, object]]:
+    """Runs the benchmark; returns one dict per (mode, batch) with its timing, floor and speedup."""
+    args = parse_args(argv)
+    setup = make_setup(args)
+    modes = select_modes(args, setup)
+    csv_path, profile_path = _out_paths(args, setup)
+    dev = setup.device
+    label = device_name(dev)
+    if dev.type == "cpu":
+        print(f"[CPU SMOKE RUN on {label}] no CUDA device: the small configuration; a test of the benchmark's "
+              f"path, not a measurement")
+    elif setup.small:
+        print(f"[SMALL RUN on {label}] the small configuration, not the paper's")
+    tflops = measure_matmul_tflops(dev)
+    gbps = measure_copy_bandwidth_gbps(dev)
+    print(f"device {label}; torch {torch.__version__}; measured matmul {tflops:.4g} TFLOP/s, copy bandwidth "
+          f"{gbps:.4g} GB/s; rows -> {csv_path}")
+    if args.profile:
+        profile_path.parent.mkdir(parents=True, exist_ok=True)
+        profile_path.write_text(f"e2e profile on {label}, torch {torch.__version__}\n\n")
+
+    backbone = build_backbone_for(setup)
+    models: Dict[Tuple[str, str], object] = {}
+    results: List[Dict[str, object]] = []
+    for batch in setup.batches:
+        ids, mask = class_prompts(batch, dev)
+        prompt_len = ids.shape[1]
+        shape = f"B={batch},T={setup.steps}"
+        floors_written = set()
+        for mode in modes:
+            key = (mode.variant, mode.backend)
+            if key not in models:
+                models[key] = build_model(backbone, setup, mode.variant, mode.backend)
+            model = models[key]
+            run = lambda: generate(model, ids, mask, setup.steps, setup.guidance, mode.cuda_graphs)  # noqa: E731
+            compile_s = None
+            if mode.compile:
+                _compiled(model)
+                _sync(dev)
+                t0 = time.perf_counter()
+            try:
+                run()  # warm-up: autotuning, cuBLAS heuristics, the compile
+                if mode.compile:
+                    _sync(dev)
+                    first_s = time.perf_counter() - t0
+                t = time_runs(run, dev, setup.repeats)
+                mem = peak_memory_mb(run, dev)
+                if args.profile:
+                    _profile(run, dev, f"{mode.name} {shape}", profile_path)
+            finally:
+                if mode.compile:
+                    _uncompiled(model)
+            if mode.compile:
+                compile_s = max(first_s - t["ms_p50"] / 1e3, 0.0)
+                write_row(dict(op="e2e_compile", provider=mode.name, mode="compile", shape=shape,
+                               ms_p50=compile_s * 1e3, ms_p20=compile_s * 1e3, ms_p80=compile_s * 1e3), dev, csv_path)
+            pre_f, pre_b, step_costs = sample_cost(model, batch, prompt_len, setup.steps)
+            floor_s = roofline_floor_s(pre_f, pre_b, tflops, gbps) + sum(
+                roofline_floor_s(f, b, tflops, gbps) for f, b in step_costs)
+            flops = pre_f + sum(f for f, _ in step_costs)
+            nbytes = pre_b + sum(b for _, b in step_costs)
+            run_s = t["ms_p50"] / 1e3
+            write_row(dict(op="e2e", provider=mode.name, mode="sample", shape=shape, tflops=flops / run_s / 1e12,
+                           gbps=nbytes / run_s / 1e9, peak_mem_mb="" if mem is None else mem, **t), dev, csv_path)
+            family = "vanilla" if model.cfg.is_vanilla else "latte"
+            if family not in floors_written:  # the floor as a row: ms = floor, tflops/gbps = the rates it used
+                floors_written.add(family)
+                write_row(dict(op="e2e", provider=f"{family}-roofline", mode="floor", shape=shape,
+                               ms_p50=floor_s * 1e3, ms_p20=floor_s * 1e3, ms_p80=floor_s * 1e3, tflops=tflops,
+                               gbps=gbps), dev, csv_path)
+            results.append(dict(mode=mode.name, batch=batch, steps=setup.steps, s_per_img=run_s / batch,
+                                s_per_img_p20=t["ms_p20"] / 1e3 / batch, s_per_img_p80=t["ms_p80"] / 1e3 / batch,
+                                floor_s_per_img=floor_s / batch, fraction_of_floor=floor_s / run_s,
+                                compile_s=compile_s, peak_mem_mb=mem))
+            r = results[-1]
+            extra = f"; compile {compile_s:.1f} s apart" if compile_s is not None else ""
+            print(f"{mode.name:32s} B={batch:<3d} s/img p50 {r['s_per_img']:.4g} (p20 {r['s_per_img_p20']:.4g}, "
+                  f"p80 {r['s_per_img_p80']:.4g}); floor {r['floor_s_per_img']:.4g} s/img, "
+                  f"{100 * r['fraction_of_floor']:.1f}% of floor{extra}")
+        base = next((r for r in results if r["batch"] == batch and r["mode"] == BASELINE), None)
+        for r in results:
+            if r["batch"] != batch:
+                continue
+            r["speedup_vs_vanilla"] = base["s_per_img"] / r["s_per_img"] if base else None
+            if base and r["mode"] != BASELINE:
+                print(f"  speedup over {BASELINE} at B={batch}: {r['mode']} x{r['speedup_vs_vanilla']:.2f}")
+        if base is None:
+            print(f"  (no speedup: {BASELINE} was not run)")
+        if not args.no_decode:
+            _decode(setup, batch, csv_path)
+    if args.profile:
+        print(f"profile tables -> {profile_path}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
