@@ -21,7 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._residual_attention_fwd import LOG2E, _cfg, _tuned, dot_precision, head_dim_pad, inv_freq_table, launch
+from ._residual_attention_dense import rope_cos_sin, rotate
+from ._residual_attention_fwd import LOG2E, _cfg, _tuned, dot_precision, head_dim_pad, launch
 
 
 @triton.jit
@@ -208,26 +209,6 @@ ROWS_BLOCK_M = 64
 
 _dkdv_tuned = _tuned(_dkdv_kernel, DKDV_CONFIGS, key=["Nq", "Nk", "D", "HAS_RES"])
 _dq_tuned = _tuned(_dq_kernel, DQ_CONFIGS, key=["Nq", "Nk", "D", "HAS_RES"])
-
-
-def rope_cos_sin(n: int, grid, d: int, theta: float, device):
-    """float32 (N, 1, D/2) cos and sin of the 2D RoPE angles (SPEC 2.1), computed as the reference does."""
-    gw = grid[1]
-    pos = torch.arange(n, device=device)
-    rows, cols = (pos // gw).to(torch.float32), (pos % gw).to(torch.float32)
-    invf = inv_freq_table(d, theta, device)
-    angle = torch.cat([rows[:, None] * invf, cols[:, None] * invf], dim=-1)
-    return angle.cos()[:, None, :], angle.sin()[:, None, :]
-
-
-def rotate(x, cos, sin, inverse: bool, dtype=None):
-    """Rotates pairs (j, j + D/2) of a (B, N, H, D) tensor by +angle (or -angle), in float32."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    if inverse:
-        out = torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
-    else:
-        out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
-    return out.to(dtype or x.dtype)
 
 
 def backward(dout, dlse, q, k, v, q_prev, k_prev, gate, tanh_gate, out_c, lse_c, out, lse,

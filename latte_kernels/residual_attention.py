@@ -3,8 +3,8 @@
 ``lk.residual_attention`` validates and calls the registered op ``latte::residual_attention``; its
 gradient is the registered op ``latte::residual_attention_backward`` (so both trace through
 ``torch.compile``). Each op runs the Triton kernels (``_residual_attention_fwd`` / ``_bwd``) where
-``_backend.triton_runs`` says so and the plain-PyTorch reference elsewhere (float64, CPU without the
-interpreter, other devices), with the reference's gradient taken by ``torch.func.vjp``.
+``_backend.triton_runs`` says so, and elsewhere (float64, CPU without the interpreter, other devices)
+the plain-PyTorch reference with the dense gradient of ``_residual_attention_dense``.
 
 Both ops are CUDA-graph safe: no host reads of device values, allocation sizes depend on shapes only,
 launches go to the current stream. (Autotuning runs on the first call of a new shape: warm up before
@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from . import _backend, _validate, reference
+from ._residual_attention_dense import dense_backward
 
 _EMPTY = (0,)
 
@@ -84,26 +85,8 @@ def _residual_attention_backward_op(
         grads = bwd.backward(dout, dlse, q, k, v, q_prev, k_prev, gate, tanh_gate, out_c, lse_c, out, lse,
                              scale, prev_scale, grid, rope_theta)
     else:
-        grads = _reference_backward(dout, dlse, q, k, v, q_prev, k_prev, gate, out_c, lse_c, scale, prev_scale, grid, rope_theta)
+        grads = dense_backward(dout, dlse, q, k, v, q_prev, k_prev, gate, out_c, lse_c, out, lse, scale, prev_scale, grid, rope_theta)
     return tuple(q.new_empty(_EMPTY) if g is None else g for g in grads)
-
-
-def _reference_backward(dout, dlse, q, k, v, q_prev, k_prev, gate, out_c, lse_c, scale, prev_scale, grid, rope_theta):
-    inputs = (q, k, v, q_prev, k_prev, gate, out_c, lse_c)
-    present = [i for i, t in enumerate(inputs) if t is not None]
-
-    def core(*given):
-        full = list(inputs)
-        for i, t in zip(present, given):
-            full[i] = t
-        return _reference_core(*full, scale, prev_scale, grid, rope_theta)
-
-    (out, lse), vjp = torch.func.vjp(core, *(inputs[i] for i in present))
-    given_grads = vjp((dout.to(out.dtype), dlse.to(lse.dtype)))
-    grads: List[Optional[Tensor]] = [None] * len(inputs)
-    for i, g in zip(present, given_grads):
-        grads[i] = g
-    return grads
 
 
 @_residual_attention_backward_op.register_fake
