@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from ._residual_attention_dense import rope_cos_sin, rotate
+from . import _residual_attention_fwd as _fwd
 from ._residual_attention_fwd import LOG2E, _cfg, _tuned, dot_precision, head_dim_pad, launch
 
 
@@ -223,9 +224,9 @@ def backward(dout, dlse, q, k, v, q_prev, k_prev, gate, tanh_gate, out_c, lse_c,
     dev = q.device
     dot_prec = dot_precision(q.dtype)
 
-    delta = torch.empty((b, hq, nq), dtype=torch.float32, device=dev)
-    dout_c = torch.empty_like(out_c, memory_format=torch.contiguous_format) if has_state else None
-    dlse_c = torch.empty((b, hq, nq), dtype=lse_c.dtype, device=dev) if has_state else None
+    delta = _fwd.empty((b, hq, nq), torch.float32, dev)
+    dout_c = _fwd.empty(out_c.shape, out_c.dtype, dev) if has_state else None
+    dlse_c = _fwd.empty((b, hq, nq), lse_c.dtype, dev) if has_state else None
     oc, lc = (out_c, lse_c) if has_state else (q, lse)
     rows_args = (dout, out, lse, dlse, oc, lc, delta, dout_c if has_state else delta, dlse_c if has_state else delta,
                  *dout.stride(), *out.stride(), *oc.stride(), *lc.stride(), *dlse.stride(), nq, hq)
@@ -239,12 +240,12 @@ def backward(dout, dlse, q, k, v, q_prev, k_prev, gate, tanh_gate, out_c, lse_c,
         if has_res:
             q_prev, k_prev = rotate(q_prev, cq, sq, False), rotate(k_prev, cq, sq, False)
     grad_dtype = torch.float32 if rope else q.dtype  # rotate back from float32, round once
-    dq = torch.empty((b, nq, hq, d), dtype=grad_dtype, device=dev)
-    dk = torch.empty((b, nk, hkv, d), dtype=grad_dtype, device=dev)
-    dv = torch.empty((b, nk, hkv, d), dtype=v.dtype, device=dev)
-    dqp = torch.empty_like(dq) if has_res else None
-    dkp = torch.empty_like(dk) if has_res else None
-    grow = torch.empty((b, hq, nq), dtype=torch.float32, device=dev) if has_res else None
+    dq = _fwd.empty((b, nq, hq, d), grad_dtype, dev)
+    dk = _fwd.empty((b, nk, hkv, d), grad_dtype, dev)
+    dv = _fwd.empty((b, nk, hkv, d), v.dtype, dev)
+    dqp = _fwd.empty(dq.shape, dq.dtype, dev) if has_res else None
+    dkp = _fwd.empty(dk.shape, dk.dtype, dev) if has_res else None
+    grow = _fwd.empty((b, hq, nq), torch.float32, dev) if has_res else None
     qp, kp, tg = (q_prev, k_prev, tanh_gate) if has_res else (q, k, q)
     strides = (*q.stride(), *k.stride(), *v.stride(), *qp.stride(), *kp.stride(), *dout.stride())
     consts = dict(D=d, DP=dp, HAS_RES=has_res, DOT_PREC=dot_prec)

@@ -174,6 +174,11 @@ def launch(kernel, tuned, grid_fn, dp, args, consts):
         tuned(dp)[grid_fn](*args, **consts)
 
 
+def empty(shape, dtype, device) -> torch.Tensor:
+    """Every buffer the kernels write comes from here (the tests swap in a NaN-poisoning version)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     # float32 inputs must not silently drop to tf32 (SPEC: float32 works at float32 accuracy)
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -196,8 +201,8 @@ def forward(q, k, v, q_prev, k_prev, tanh_gate, out_c, lse_c, scale, prev_scale,
     has_res = q_prev is not None
     has_state = out_c is not None
     rope = rope_grid is not None
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    lse = torch.empty((b, hq, nq), dtype=lse_dtype, device=q.device)
+    out = empty(q.shape, q.dtype, q.device)
+    lse = empty((b, hq, nq), lse_dtype, q.device)
     invf = inv_freq_table(d, rope_theta, q.device) if rope else q
     qp, kp, tg = (q_prev, k_prev, tanh_gate) if has_res else (q, k, q)
     oc, lc = (out_c, lse_c) if has_state else (q, lse)
