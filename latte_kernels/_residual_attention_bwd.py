@@ -12,8 +12,8 @@ Three kernels, no atomics (deterministic): a row pass (``D_i`` and the state's g
 key-major pass (one program per key tile of one kv head, looping over the query heads of its GQA
 group and all query tiles: dk, dv, dk_prev in registers) and a query-major pass (dq, dq_prev and the
 per-row gate sums, reduced over rows afterwards). Both recompute ``P`` from ``lse``; nothing of size
-``Nq x Nk`` is stored. With ``rope_grid`` the inputs are rotated once (O(N)) before these kernels and
-the gradients rotated back after them.
+``Nq x Nk`` is stored. With ``rope_grid`` the inputs are rotated once (O(N), the forward's rotation
+kernel) before these kernels and the float32 gradients rotated back after them.
 """
 from __future__ import annotations
 
@@ -21,9 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._residual_attention_dense import rope_cos_sin, rotate
 from . import _residual_attention_fwd as _fwd
-from ._residual_attention_fwd import LOG2E, _cfg, _tuned, dot_precision, head_dim_pad, launch
+from ._residual_attention_fwd import LOG2E, LOG2E_C, _cfg, _tuned, dot_precision, head_dim_pad, launch
 
 
 @triton.jit
@@ -99,14 +98,14 @@ def _dkdv_kernel(
         h = hk * GROUP + g
         if HAS_RES:
             tg = tl.load(TG + b * Hq + h).to(tl.float32)
-            c_res = tg * prev_scale * LOG2E
+            c_res = tg * prev_scale * LOG2E_C
         for start_m in range(0, Nq, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             mask_m = offs_m < Nq
             mask_md = mask_m[:, None] & mask_d[None, :]
             q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask=mask_md, other=0.0)
             row = (b * Hq + h) * Nq + offs_m
-            lse2 = tl.load(LSE + row, mask=mask_m, other=0.0).to(tl.float32) * LOG2E
+            lse2 = tl.load(LSE + row, mask=mask_m, other=0.0).to(tl.float32) * LOG2E_C
             delta = tl.load(DELTA + row, mask=mask_m, other=0.0)
             # transposed logits: (BLOCK_N, BLOCK_M)
             st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * c_qk
@@ -158,13 +157,13 @@ def _dq_kernel(
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask=mask_md, other=0.0)
     do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdon + offs_d[None, :] * sdod, mask=mask_md, other=0.0)
     row = (b * Hq + h) * Nq + offs_m
-    lse2 = tl.load(LSE + row, mask=mask_m, other=0.0).to(tl.float32) * LOG2E
+    lse2 = tl.load(LSE + row, mask=mask_m, other=0.0).to(tl.float32) * LOG2E_C
     delta = tl.load(DELTA + row, mask=mask_m, other=0.0)
     dq = tl.zeros([BLOCK_M, DP], tl.float32)
     if HAS_RES:
         qp = tl.load(QP + b * sqpb + h * sqph + offs_m[:, None] * sqpn + offs_d[None, :] * sqpd, mask=mask_md, other=0.0)
         tg = tl.load(TG + b * Hq + h).to(tl.float32)
-        c_res = tg * prev_scale * LOG2E
+        c_res = tg * prev_scale * LOG2E_C
         dqp = tl.zeros([BLOCK_M, DP], tl.float32)
         grow = tl.zeros([BLOCK_M], tl.float32)
 
@@ -235,10 +234,9 @@ def backward(dout, dlse, q, k, v, q_prev, k_prev, gate, tanh_gate, out_c, lse_c,
 
     rope = rope_grid is not None
     if rope:  # rotate once here (O(N)), run the plain kernels, rotate the gradients back below
-        cq, sq = rope_cos_sin(nq, rope_grid, d, rope_theta, dev)
-        q, k = rotate(q, cq, sq, False), rotate(k, cq, sq, False)
+        q, k = _fwd.rope(q, rope_grid, rope_theta), _fwd.rope(k, rope_grid, rope_theta)
         if has_res:
-            q_prev, k_prev = rotate(q_prev, cq, sq, False), rotate(k_prev, cq, sq, False)
+            q_prev, k_prev = _fwd.rope(q_prev, rope_grid, rope_theta), _fwd.rope(k_prev, rope_grid, rope_theta)
     grad_dtype = torch.float32 if rope else q.dtype  # rotate back from float32, round once
     dq = _fwd.empty((b, nq, hq, d), grad_dtype, dev)
     dk = _fwd.empty((b, nk, hkv, d), grad_dtype, dev)
@@ -260,7 +258,8 @@ def backward(dout, dlse, q, k, v, q_prev, k_prev, gate, tanh_gate, out_c, lse_c,
     if has_res:
         dgate = ((1 - tanh_gate * tanh_gate) * prev_scale * grow.sum(-1)).to(gate.dtype)
     if rope:
-        dq, dk = rotate(dq, cq, sq, True, out.dtype), rotate(dk, cq, sq, True, out.dtype)
+        unrotate = lambda g: _fwd.rope(g, rope_grid, rope_theta, inverse=True, dtype=out.dtype)  # noqa: E731
+        dq, dk = unrotate(dq), unrotate(dk)
         if has_res:
-            dqp, dkp = rotate(dqp, cq, sq, True, out.dtype), rotate(dkp, cq, sq, True, out.dtype)
+            dqp, dkp = unrotate(dqp), unrotate(dkp)
     return dq, dk, dv, dqp, dkp, dgate, dout_c, dlse_c

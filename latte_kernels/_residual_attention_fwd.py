@@ -4,8 +4,9 @@ One program owns ``BLOCK_M`` query rows of one query head and streams the keys o
 ``BLOCK_N`` tiles, keeping the running max ``m``, sum ``l`` and the float32 output accumulator in
 registers (online softmax, base-2: ``log2(e)`` is folded into the logit scales). The residual logits
 are a second ``tl.dot`` per key tile, so no ``Nq x Nk`` tensor ever exists. A given state
-``(out_c, lse_c)`` is the starting point of the online softmax: ``m = lse_c``, ``l = 1``,
-``acc = out_c`` (an empty state, ``lse_c = -inf``, starts from ``m = -inf``, ``l = 0``, ``acc = 0``).
+``(out_c, lse_c)`` is the starting point of the online softmax: ``m = lse_c``, ``l = 1`` (an empty
+state, ``lse_c = -inf``, starts from ``m = -inf``, ``l = 0``); ``out_c`` joins the accumulator in the
+epilogue with the weight ``exp(lse_c - m_final)`` it would have had from the start.
 """
 from __future__ import annotations
 
@@ -18,17 +19,19 @@ import triton.language as tl
 from . import _backend
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+# kernels may read only constexpr globals
+LOG2E_C = tl.constexpr(LOG2E)
+LN2_C = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
-def rope_tile(x, base, offs_n, offs_d, stride_n, stride_d, mask, INVF, GW, D: tl.constexpr):
+def rope_tile(x, base, offs_n, offs_d, stride_n, stride_d, mask, INVF, GW, D: tl.constexpr, INVERSE: tl.constexpr = False):
     """Rotates a loaded (rows, DP) tile ``x`` of tokens ``offs_n`` by 2D RoPE (SPEC 2.1).
 
     The partner column ``(d + D/2) mod D`` is loaded a second time (it is in L1/L2 already):
     ``out[j] = x[j] cos a_j - x[j+P] sin a_j`` and ``out[j+P] = x[j+P] cos a_j + x[j] sin a_j`` with
-    ``a_j = (row if j < D/4 else col) * inv_freq[j mod D/4]``. The result is rounded to ``x``'s dtype,
-    exactly as rotating the tensor beforehand would leave it.
+    ``a_j = (row if j < D/4 else col) * inv_freq[j mod D/4]`` (``-a_j`` if ``INVERSE``). The result is
+    rounded to ``x``'s dtype, exactly as rotating the tensor beforehand would leave it.
     """
     P: tl.constexpr = D // 2
     QD: tl.constexpr = D // 4
@@ -41,9 +44,31 @@ def rope_tile(x, base, offs_n, offs_d, stride_n, stride_d, mask, INVF, GW, D: tl
     col = offs_n - row * GW
     pos = tl.where((j < QD)[None, :], row[:, None], col[:, None]).to(tl.float32)
     angle = pos * freq[None, :]
-    sign = tl.where(lower, -1.0, 1.0)
+    if INVERSE:
+        sign = tl.where(lower, 1.0, -1.0)
+    else:
+        sign = tl.where(lower, -1.0, 1.0)
     out = x.to(tl.float32) * tl.cos(angle) + sign[None, :] * xp.to(tl.float32) * tl.sin(angle)
     return out.to(x.dtype)
+
+
+@triton.jit
+def _rope_kernel(
+    X, Y, INVF, sxb, sxn, sxh, sxd, N, H, GW,
+    D: tl.constexpr, DP: tl.constexpr, BLOCK: tl.constexpr, INVERSE: tl.constexpr,
+):
+    """Y (a fresh contiguous (B, N, H, D) buffer) = X rotated by 2D RoPE, or by its inverse."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    offs_n = pid_n * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, DP)
+    mask = (offs_n < N)[:, None] & (offs_d < D)[None, :]
+    base = X + b * sxb + h * sxh
+    x = tl.load(base + offs_n[:, None] * sxn + offs_d[None, :] * sxd, mask=mask, other=0.0)
+    y = rope_tile(x, base, offs_n, offs_d, sxn, sxd, mask, INVF, GW, D, INVERSE)
+    tl.store(Y + ((b * N + offs_n[:, None]) * H + h) * D + offs_d[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -87,18 +112,17 @@ def _fwd_kernel(
             qp = rope_tile(qp, qp_base, offs_m, offs_d, sqpn, sqpd, mask_md, INVF, GW, D)
         c_res = tl.load(TG + b * Hq + h).to(tl.float32) * c_prev  # tanh(gate) * prev_scale * log2(e)
 
-    # the online softmax starts from the given state (or from nothing)
+    # The online softmax starts from the given state: its max is lse_c, its sum 1 (an empty state,
+    # lse_c = -inf, contributes nothing). Its output joins in the epilogue, scaled like the
+    # accumulator was, so no extra (BLOCK_M, D) tile is live during the key loop.
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
     if HAS_STATE:
         lc = tl.load(LC + b64 * slcb + h * slch + offs_m * slcn, mask=mask_m, other=float("-inf")).to(tl.float32)
-        empty = lc == float("-inf")
-        m_i = lc * LOG2E
-        l_i = tl.where(empty, 0.0, 1.0)
-        oc = tl.load(OC + b64 * socb + h * soch + offs_m[:, None] * socn + offs_d[None, :] * socd, mask=mask_md, other=0.0)
-        acc = tl.where(empty[:, None], 0.0, oc.to(tl.float32))
-    else:
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, DP], tl.float32)
+        m_i = lc * LOG2E_C
+        l_i = tl.where(lc == float("-inf"), 0.0, 1.0)
+        m_state = m_i
+    acc = tl.zeros([BLOCK_M, DP], tl.float32)
 
     k_base = K + b64 * skb + hk * skh
     v_base = V + b64 * svb + hk * svh
@@ -109,13 +133,9 @@ def _fwd_kernel(
         mask_n = offs_n < Nk
         mask_nd = mask_n[:, None] & mask_d[None, :]
         k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=mask_nd, other=0.0)
-        if ROPE:
-            k = rope_tile(k, k_base, offs_n, offs_d, skn, skd, mask_nd, INVF, GW, D)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * c_qk
         if HAS_RES:
             kp = tl.load(kp_base + offs_n[:, None] * skpn + offs_d[None, :] * skpd, mask=mask_nd, other=0.0)
-            if ROPE:
-                kp = rope_tile(kp, kp_base, offs_n, offs_d, skpn, skpd, mask_nd, INVF, GW, D)
             s += tl.dot(qp, tl.trans(kp), input_precision=DOT_PREC) * c_res
         s = tl.where(mask_n[None, :], s, float("-inf"))
         # every key tile holds at least one real key, so m_new is finite
@@ -127,8 +147,12 @@ def _fwd_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         m_i = m_new
 
+    if HAS_STATE:
+        oc = tl.load(OC + b64 * socb + h * soch + offs_m[:, None] * socn + offs_d[None, :] * socd, mask=mask_md, other=0.0)
+        w_state = tl.where(m_state == float("-inf"), 0.0, tl.exp2(m_state - m_i))
+        acc += w_state[:, None] * oc.to(tl.float32)
     out = acc / l_i[:, None]
-    lse = (m_i + tl.log2(l_i)) * LN2
+    lse = (m_i + tl.log2(l_i)) * LN2_C
     tl.store(O + b64 * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod, out.to(O.dtype.element_ty), mask=mask_md)
     tl.store(LSE + (b64 * Hq + h) * Nq + offs_m, lse.to(LSE.dtype.element_ty), mask=mask_m)
 
@@ -194,23 +218,46 @@ def inv_freq_table(d: int, theta: float, device) -> torch.Tensor:
     return rope_2d_inv_freq(d, theta, device)
 
 
+ROPE_BLOCK = 32
+
+
+def rope(x, grid, theta, *, inverse=False, dtype=None):
+    """A fresh contiguous copy of ``x`` (B, N, H, D) rotated by 2D RoPE on ``grid`` (or by its inverse,
+    for gradients), rounded to ``dtype`` (default: x's). Same rotation code as the attention kernel."""
+    b, n, h, d = x.shape
+    y = empty(x.shape, dtype or x.dtype, x.device)
+    _rope_kernel[(triton.cdiv(n, ROPE_BLOCK), b * h)](
+        x, y, inv_freq_table(d, theta, x.device), *x.stride(), n, h, grid[1],
+        D=d, DP=head_dim_pad(d), BLOCK=ROPE_BLOCK, INVERSE=inverse)
+    return y
+
+
 def forward(q, k, v, q_prev, k_prev, tanh_gate, out_c, lse_c, scale, prev_scale, rope_grid, rope_theta, lse_dtype):
-    """Launches the forward kernel; returns ``(out, lse)``. ``tanh_gate``: float32 (B, Hq) or None."""
+    """Launches the forward kernel; returns ``(out, lse)``. ``tanh_gate``: float32 (B, Hq) or None.
+    ``rope_grid``: queries rotated in the kernel, keys just before it (see below)."""
     b, nq, hq, d = q.shape
     nk, hkv = k.shape[1], k.shape[2]
     has_res = q_prev is not None
     has_state = out_c is not None
-    rope = rope_grid is not None
+    has_rope = rope_grid is not None
     out = empty(q.shape, q.dtype, q.device)
     lse = empty((b, hq, nq), lse_dtype, q.device)
-    invf = inv_freq_table(d, rope_theta, q.device) if rope else q
+    invf = inv_freq_table(d, rope_theta, q.device) if has_rope else q
+    if has_rope:
+        # Keys are rotated once here (O(Nk Hkv D), Hkv is small) rather than in the key loop, where
+        # every query tile of every head of the GQA group would recompute the same cos/sin and the
+        # elementwise work would keep the K loads from being pipelined into the dot. Queries are
+        # rotated in the kernel, once per program.
+        k = rope(k, rope_grid, rope_theta)
+        if has_res:
+            k_prev = rope(k_prev, rope_grid, rope_theta)
     qp, kp, tg = (q_prev, k_prev, tanh_gate) if has_res else (q, k, q)
     oc, lc = (out_c, lse_c) if has_state else (q, lse)
     dp = head_dim_pad(d)
     args = (q, k, v, qp, kp, tg, oc, lc, invf, out, lse,
             *q.stride(), *k.stride(), *v.stride(), *qp.stride(), *kp.stride(), *oc.stride(), *lc.stride(),
-            *out.stride(), nq, nk, hq, hq // hkv, rope_grid[1] if rope else 1,
+            *out.stride(), nq, nk, hq, hq // hkv, rope_grid[1] if has_rope else 1,
             scale * LOG2E, prev_scale * LOG2E)
-    consts = dict(D=d, DP=dp, HAS_RES=has_res, HAS_STATE=has_state, ROPE=rope, DOT_PREC=dot_precision(q.dtype))
+    consts = dict(D=d, DP=dp, HAS_RES=has_res, HAS_STATE=has_state, ROPE=has_rope, DOT_PREC=dot_precision(q.dtype))
     launch(_fwd_kernel, _fwd_tuned, lambda meta: (triton.cdiv(nq, meta["BLOCK_M"]), b * hq), dp, args, consts)
     return out, lse

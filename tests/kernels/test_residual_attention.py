@@ -296,7 +296,10 @@ def test_gpu_low_precision_rule(dtype, d, opts):
     assert_lowp_close(out, outl, out64)
     assert_lowp_close(lse, lsel, lse64)
     for name, g, gl, w in zip(names_of(kw), got, base, want):
-        assert_lowp_close(g, gl, w), name
+        try:
+            assert_lowp_close(g, gl, w)
+        except AssertionError as err:
+            raise AssertionError(f"d{name}: {err}") from None
 
 
 @pytest.mark.gpu
@@ -360,11 +363,19 @@ def test_gpu_memory_is_linear_in_n():
     args, kw = case(1, n, n, hq, hkv, d, state=True, dtype=torch.bfloat16, device="cuda", empty_rows=False)
     inputs = [t.detach().requires_grad_(True) for t in leaves(args, kw)]
     a, k = rebuild(args, kw, inputs)
+
+    def step():
+        out, lse = lk.residual_attention(*a, **k)
+        (out.float().sum() + lse.sum()).backward()
+        return out
+
+    step()  # autotuning (and its benchmarking buffers) outside the measurement
+    for t in inputs:
+        t.grad = None
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    out, lse = lk.residual_attention(*a, **k)
-    (out.float().sum() + lse.sum()).backward()
+    out = step()
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
     q_bytes = args[0].numel() * args[0].element_size()
