@@ -193,17 +193,21 @@ def _dq_kernel(
         tl.store(GROW + row, grow, mask=mask_m)
 
 
-# FLOP/byte as in the forward; the key-major pass holds k, v, k_prev and three float32 (BLOCK_N, D)
-# accumulators, so it takes the smaller tiles (BLOCK_N = 64 or 128 keys, BLOCK_M = 32-64 queries).
+# FLOP/byte as in the forward. The key-major pass holds k, v, k_prev and three float32 (BLOCK_N, D)
+# accumulators, the query-major pass q, q_prev, dO and two: with the residual both sit at the
+# 255-register limit already at 64 x 64 tiles with 8 warps (offline sm_90 compiles, D=128: ~0.5-0.7 KiB
+# of spill per thread), so the lists favour 64 x 64 / 8 warps and let the autotuner weigh larger tiles.
 DKDV_CONFIGS = {
-    64: [_cfg(64, 128, 8, 2), _cfg(32, 128, 4, 2), _cfg(64, 64, 4, 3), _cfg(32, 64, 4, 3)],
-    128: [_cfg(64, 128, 8, 2), _cfg(32, 128, 8, 2), _cfg(64, 64, 4, 2), _cfg(32, 64, 4, 3)],
-    256: [_cfg(32, 64, 4, 2), _cfg(16, 64, 4, 2), _cfg(32, 32, 4, 2)],
+    64: [_cfg(64, 128, 8, 2), _cfg(64, 64, 4, 3), _cfg(32, 64, 4, 3), _cfg(32, 128, 8, 2)],
+    128: [_cfg(64, 64, 8, 2), _cfg(32, 64, 8, 2), _cfg(32, 64, 4, 3), _cfg(64, 128, 8, 2)],
+    256: [_cfg(32, 32, 8, 1), _cfg(32, 64, 8, 1), _cfg(16, 32, 4, 1)],
+    "fp32": [_cfg(32, 32, 4, 1), _cfg(16, 32, 4, 1)],
 }
 DQ_CONFIGS = {
     64: [_cfg(128, 64, 8, 2), _cfg(64, 64, 4, 3), _cfg(128, 32, 4, 3), _cfg(64, 128, 8, 2)],
-    128: [_cfg(128, 64, 8, 2), _cfg(64, 64, 4, 2), _cfg(128, 32, 8, 2), _cfg(64, 32, 4, 3)],
-    256: [_cfg(64, 32, 4, 2), _cfg(32, 64, 4, 2), _cfg(64, 64, 8, 2)],
+    128: [_cfg(64, 64, 8, 2), _cfg(64, 32, 4, 2), _cfg(128, 64, 8, 2), _cfg(64, 64, 4, 3)],
+    256: [_cfg(32, 32, 8, 1), _cfg(64, 32, 8, 1), _cfg(32, 64, 8, 1)],
+    "fp32": [_cfg(32, 32, 4, 1), _cfg(32, 16, 4, 1)],
 }
 ROWS_BLOCK_M = 64
 

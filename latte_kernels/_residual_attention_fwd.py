@@ -162,11 +162,13 @@ def _fwd_kernel(
 #
 # FLOP/byte: per key tile a program does 2*BLOCK_M*BLOCK_N*D FLOPs per dot (3 dots with the residual:
 # q.k, q_prev.k_prev, p.v) against (2 + HAS_RES)*BLOCK_N*D*2 bytes of K/V/K_prev loads, i.e.
-# ~BLOCK_M FLOPs/byte from L2: BLOCK_M = 128 puts the kernel well above the H100's ~300 FLOP/byte ridge
-# point (L2 bandwidth is several x HBM's), so it is tensor-core bound. BLOCK_N = 64 (D=128) keeps
-# q, q_prev (resident, bf16) plus the float32 accumulator and two S tiles within the register file of
-# 8 warps; D <= 64 affords BLOCK_N = 128. num_stages 2-3 pipelines the K/V loads. D = 256 halves the
-# tiles to stay inside shared memory. Autotuning picks among these per (Nq, Nk, D).
+# ~BLOCK_M FLOPs/byte from L2: BLOCK_M = 128 puts the kernel well above the H100's ~300 FLOP/byte
+# ridge point (L2 bandwidth is several x HBM's), so it is tensor-core bound. BLOCK_N = 64 (D=128)
+# keeps q, q_prev (resident) plus the float32 accumulator and two S tiles near the 255-register limit
+# of 8 warps (offline sm_90 compiles of the residual+state variant: 255 registers, ~150 B of spill,
+# 80 KiB shared; smaller tiles are in the list for the autotuner to weigh); D <= 64 affords
+# BLOCK_N = 128. num_stages 2-3 pipelines the K/V loads. D = 256 and float32 (IEEE dots, 4-byte
+# tiles) take smaller tiles to fit shared memory and registers. Autotuning picks per (Nq, Nk, D).
 
 
 def _cfg(bm, bn, w, s):
@@ -175,15 +177,17 @@ def _cfg(bm, bn, w, s):
 
 FWD_CONFIGS = {
     64: [_cfg(128, 128, 8, 3), _cfg(128, 64, 4, 3), _cfg(64, 64, 4, 4), _cfg(128, 64, 8, 2)],
-    128: [_cfg(128, 64, 8, 3), _cfg(128, 64, 8, 2), _cfg(64, 64, 4, 3), _cfg(128, 128, 8, 2)],
-    256: [_cfg(64, 64, 4, 2), _cfg(64, 32, 4, 2), _cfg(128, 32, 8, 2)],
+    128: [_cfg(128, 64, 8, 3), _cfg(128, 64, 8, 2), _cfg(128, 32, 8, 3), _cfg(64, 64, 4, 3), _cfg(64, 64, 8, 2)],
+    256: [_cfg(64, 32, 8, 2), _cfg(64, 64, 8, 2), _cfg(32, 64, 4, 2)],
+    "fp32": [_cfg(64, 32, 4, 2), _cfg(32, 32, 4, 1)],
 }
 INTERPRET_BLOCKS = {"BLOCK_M": 64, "BLOCK_N": 32}  # one small config: the interpreter is slow per op
 
 
-def _tuned(kernel, configs_by_dp, key):
-    tuned = {dp: triton.autotune(configs=cfgs, key=key)(kernel) for dp, cfgs in configs_by_dp.items()}
-    return lambda dp: tuned[64 if dp <= 64 else dp]
+def _tuned(kernel, configs_by_class, key):
+    """One autotuner per class of configs: head_dim <= 64, 128 or 256 (16-bit), or any float32."""
+    tuned = {c: triton.autotune(configs=cfgs, key=key)(kernel) for c, cfgs in configs_by_class.items()}
+    return lambda dp, dtype: tuned["fp32" if dtype == torch.float32 else (64 if dp <= 64 else dp)]
 
 
 _fwd_tuned = _tuned(_fwd_kernel, FWD_CONFIGS, key=["Nq", "Nk", "D", "HAS_RES", "HAS_STATE", "ROPE"])
@@ -195,7 +199,7 @@ def launch(kernel, tuned, grid_fn, dp, args, consts):
         blocks = INTERPRET_BLOCKS
         kernel[grid_fn(blocks)](*args, **consts, **blocks)
     else:
-        tuned(dp)[grid_fn](*args, **consts)
+        tuned(dp, args[0].dtype)[grid_fn](*args, **consts)
 
 
 def empty(shape, dtype, device) -> torch.Tensor:
