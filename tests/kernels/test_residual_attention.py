@@ -385,44 +385,22 @@ def test_gpu_memory_is_linear_in_n():
 
 # --------------------------------------------------------------------------------------------------
 # Offline compile for the H100 target: the interpreter accepts things the GPU compiler rejects (e.g.
-# non-constexpr globals), so every kernel is compiled to an sm_90 cubin here, no GPU needed.
-
-
-def _sm90_compile(kernel, consts, ptr_dtypes, warps, stages):
-    pytest.importorskip("triton.backends.nvidia")
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, compile as triton_compile
-
-    names = kernel.arg_names
-    sig = {}
-    for name in names:
-        if name in consts:
-            sig[name] = "constexpr"
-        elif name in ptr_dtypes:
-            sig[name] = ptr_dtypes[name]
-        elif name in ("c_qk", "c_prev", "scale", "prev_scale"):
-            sig[name] = "fp32"
-        else:
-            sig[name] = "i32"
-    src = ASTSource(fn=kernel, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items()})
-    compiled = triton_compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
-    assert compiled.asm["cubin"], "no cubin produced"
-    return compiled
+# non-constexpr globals), so every kernel is compiled to an sm_90 cubin, no GPU needed. It runs in a
+# fresh interpreter-free process: under TRITON_INTERPRET=1 the kernels cannot be compiled.
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="the GPU tests compile for the real device")
 def test_kernels_compile_for_sm90():
-    from latte_kernels import _residual_attention_bwd as bwd_module
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
 
-    f32 = {"TG", "LC", "INVF", "LSE", "DELTA", "GROW", "DLSE", "DLC"}
-    ints = {"N", "H", "GW", "GROUP"}
-    ptrs = lambda k: {n: "*fp32" if n in f32 else "*bf16" for n in k.arg_names  # noqa: E731
-                      if n.isupper() and n not in ints and k.params[k.arg_names.index(n)].is_constexpr is False}
-    d = dict(D=128, DP=128)
-    _sm90_compile(fwd_module._fwd_kernel, dict(d, BLOCK_M=128, BLOCK_N=64, HAS_RES=True, HAS_STATE=True, ROPE=True,
-                                               DOT_PREC="tf32"), ptrs(fwd_module._fwd_kernel), 8, 2)
-    _sm90_compile(fwd_module._rope_kernel, dict(d, BLOCK=32, INVERSE=True), ptrs(fwd_module._rope_kernel), 4, 1)
-    bw = dict(d, BLOCK_M=64, BLOCK_N=64, HAS_RES=True, DOT_PREC="tf32")
-    _sm90_compile(bwd_module._dkdv_kernel, bw, ptrs(bwd_module._dkdv_kernel), 8, 2)
-    _sm90_compile(bwd_module._dq_kernel, bw, ptrs(bwd_module._dq_kernel), 8, 2)
-    _sm90_compile(bwd_module._rows_kernel, dict(d, BLOCK_M=64, HAS_STATE=True), ptrs(bwd_module._rows_kernel), 4, 1)
+    pytest.importorskip("triton.backends.nvidia")
+    root = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    script = Path(__file__).with_name("sm90_compile.py")
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"sm_90 compile failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    assert "compiled 5 kernels" in done.stdout
