@@ -10,7 +10,6 @@ epilogue with the weight ``exp(lse_c - m_final)`` it would have had from the sta
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import triton

@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -28,6 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ._io import atomic_write
 from .checkpoint import load_checkpoint, read_config
 from .context import Context
 from .distributed import DistEnv, all_gather_objects, barrier, derive_seed, init_distributed, shutdown_distributed
@@ -141,15 +141,8 @@ def _write_png(u8: np.ndarray, path: str) -> None:
     from PIL import Image
 
     img = Image.fromarray(u8[..., 0] if u8.shape[2] == 1 else u8)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".", suffix=".png.tmp")
-    os.close(fd)
-    try:
-        img.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path) as f:
+        img.save(f, format="PNG")
 
 
 def _read_rgb(path: str) -> np.ndarray:
@@ -222,16 +215,12 @@ def sample_to_dir(model, tokenizer, prompts: Sequence[str], out_dir: str, *, num
         if write_npz:
             h, w = images.shape[1:3]
             run.npz = os.path.join(out_dir, f"samples_{n}x{h}x{w}x3.npz")
-            fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".samples.", suffix=".npz")
-            os.close(fd)
-            np.savez(tmp, arr_0=images, arr_1=labels)
-            os.replace(tmp, run.npz)
+            with atomic_write(run.npz) as f:
+                np.savez(f, arr_0=images, arr_1=labels)
         run.grid = str(save_image_grid(images[:GRID_MAX], os.path.join(out_dir, GRID_NAME), scale=1 if images.shape[1] >= 64 else 8))
         manifest = dict(asdict(run), settings=settings)
-        fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".manifest.", suffix=".json")
-        with os.fdopen(fd, "w") as f:
+        with atomic_write(os.path.join(out_dir, MANIFEST_NAME), "w") as f:
             json.dump(manifest, f, indent=2)
-        os.replace(tmp, os.path.join(out_dir, MANIFEST_NAME))
     barrier(env)  # nobody leaves before the npz exists
     return run
 

@@ -50,7 +50,10 @@ def ptxas_stats(ptx: str):
     """(registers, spill bytes) of the first kernel in ``ptx`` from ptxas -v."""
     from triton.backends.nvidia.compiler import get_ptxas
 
-    ptxas = get_ptxas()
+    try:
+        ptxas = get_ptxas(90)  # triton >= 3.5 picks the binary per architecture
+    except TypeError:
+        ptxas = get_ptxas()
     path = ptxas.path if hasattr(ptxas, "path") else ptxas[0]
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(ptx)
