@@ -199,13 +199,17 @@ def _dq_kernel(
 # of spill per thread), so the lists favour 64 x 64 / 8 warps and let the autotuner weigh larger tiles.
 DKDV_CONFIGS = {
     64: [_cfg(64, 128, 8, 2), _cfg(64, 64, 4, 3), _cfg(32, 64, 4, 3), _cfg(32, 128, 8, 2)],
-    128: [_cfg(64, 64, 8, 2), _cfg(32, 64, 8, 2), _cfg(32, 64, 4, 3), _cfg(64, 128, 8, 2)],
+    # 64 x 32 and 32 x 32 with 8 warps compile spill-free with the residual at D=128 (64 x 64: ~0.8 KB)
+    128: [_cfg(64, 64, 8, 2), _cfg(32, 64, 8, 2), _cfg(32, 64, 4, 3), _cfg(64, 128, 8, 2), _cfg(64, 32, 8, 2),
+          _cfg(32, 32, 8, 2)],
     256: [_cfg(32, 32, 8, 1), _cfg(32, 64, 8, 1), _cfg(16, 32, 4, 1)],
     "fp32": [_cfg(32, 32, 4, 1), _cfg(16, 32, 4, 1)],
 }
 DQ_CONFIGS = {
     64: [_cfg(128, 64, 8, 2), _cfg(64, 64, 4, 3), _cfg(128, 32, 4, 3), _cfg(64, 128, 8, 2)],
-    128: [_cfg(64, 64, 8, 2), _cfg(64, 32, 4, 2), _cfg(128, 64, 8, 2), _cfg(64, 64, 4, 3)],
+    # 32 x 32 / 4 warps compiles spill-free with the residual at D=128, 32 x 64 / 8 warps ~70 B (64 x 64: ~0.4 KB)
+    128: [_cfg(64, 64, 8, 2), _cfg(64, 32, 4, 2), _cfg(128, 64, 8, 2), _cfg(64, 64, 4, 3), _cfg(32, 32, 4, 2),
+          _cfg(32, 64, 8, 2)],
     256: [_cfg(32, 32, 8, 1), _cfg(64, 32, 8, 1), _cfg(32, 64, 8, 1)],
     "fp32": [_cfg(32, 32, 4, 1), _cfg(32, 16, 4, 1)],
 }
