@@ -128,8 +128,8 @@ def main(argv=None):
         for from_grid, axes in ((True, 2), (False, 2), (False, 3)):
             run(rope._rope_kernel, dict(SIN_SIGN=-1.0, FROM_GRID=from_grid, NUM_AXES=axes, HALF=64, HALF_P=64,
                                         BLOCK_N=32, HEADS_PER_PROG=4), ROPE_PTRS, 4, 1, dtype=dtype)
-        run(merge._merge_fwd_kernel, dict(BLOCK_R=16, BLOCK_D=128), MERGE_PTRS, 4, 1, dtype=dtype)
-        run(merge._merge_bwd_kernel, dict(BLOCK_R=16, BLOCK_D=128), MERGE_PTRS, 4, 1, dtype=dtype)
+        run(merge._merge_fwd_kernel, dict(BLOCK_R=8, BLOCK_D=128), MERGE_PTRS, 4, 1, dtype=dtype)
+        run(merge._merge_bwd_kernel, dict(BLOCK_R=8, BLOCK_D=128), MERGE_PTRS, 4, 1, dtype=dtype)
     print(f"compiled {n} kernels")
 
 
