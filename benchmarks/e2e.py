@@ -425,7 +425,6 @@ def _decode(setup: Setup, batch: int, csv_path: Path) -> Optional[Dict[str, floa
     print(f"{name:32s} B={batch:<3d} decode {tuple(latents.shape)} -> {tuple(images.shape)}: "
           f"s/img p50 {t['ms_p50'] / 1e3 / batch:.4g} (p20 {t['ms_p20'] / 1e3 / batch:.4g}, "
           f"p80 {t['ms_p80'] / 1e3 / batch:.4g}), reported apart from sampling")
-    del vae
     return t
 
 

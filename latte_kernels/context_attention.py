@@ -73,8 +73,13 @@ def context_attention(
     q (B, Nq, Hq, D); k_ctx, v_ctx (B, Nc, Hkv, D) padded to Nc; ctx_lens int (B,) in [0, Nc] or None
     (all Nc). lse (B, Hq, Nq) float32 natural log; a row with no key gives out 0 and lse -inf.
     """
-    scale = V.check_context_attention(q, k_ctx, v_ctx, ctx_lens, scale)
+    return run(q, k_ctx, v_ctx, ctx_lens, V.check_context_attention(q, k_ctx, v_ctx, ctx_lens, scale))
+
+
+def run(q: Tensor, k_ctx: Tensor, v_ctx: Tensor, ctx_lens: Optional[Tensor], scale: float) -> Tuple[Tensor, Tensor]:
+    """The op on arguments already validated (the composite ``latte_attention`` calls this, so a layer
+    validates once, and reads ``ctx_lens`` on the host at most once)."""
     if not _backend.extension_runs(q):
-        return reference.context_attention(q, k_ctx, v_ctx, ctx_lens, scale=scale)
+        return reference._context_attention(q, k_ctx, v_ctx, ctx_lens, scale)
     ensure_registered()
     return torch.ops.latte_ext.context_attention(q, k_ctx, v_ctx, ctx_lens, scale)

@@ -2,9 +2,10 @@
 
 ``latte::latte_attention`` is a registered op with a ``CompositeImplicitAutograd`` implementation:
 it is, by definition, ``context_attention(rope_2d(q), k_ctx, v_ctx, ctx_lens)`` merged inside
-``residual_attention(q, k, v, ..., state=that, rope_grid=grid_hw)``, composed from the public ops so
-that whichever kernels they run (Triton, CUDA extension, reference) plug in here. Autograd, fakes and
-``torch.compile`` come from the parts.
+``residual_attention(q, k, v, ..., state=that, rope_grid=grid_hw)``, composed from the parts'
+registered ops so that whichever kernels they run (Triton, CUDA extension, reference) plug in here.
+Autograd, fakes and ``torch.compile`` come from the parts. The public function validates once; the
+composite does not re-validate (on CUDA each ``ctx_lens`` value check is a host sync).
 """
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ import torch
 from torch import Tensor
 
 from . import _validate as V
+from . import residual_attention as _residual_attention  # noqa: F401  (registers latte::residual_attention)
+from . import rope as _rope  # noqa: F401  (registers latte::rope_2d)
+from .context_attention import run as _context_attention
 
 _lib = torch.library.Library("latte", "FRAGMENT")
 _lib.define(
@@ -25,14 +29,13 @@ _lib.define(
 def _composite(q: Tensor, k: Tensor, v: Tensor, grid_hw: List[int], k_ctx: Tensor, v_ctx: Tensor,
                ctx_lens: Optional[Tensor], q_prev: Optional[Tensor], k_prev: Optional[Tensor],
                gate: Optional[Tensor], scale: Optional[float], rope_theta: float) -> Tensor:
-    from .context_attention import context_attention
-    from .residual_attention import residual_attention
-    from .rope import rope_2d
-
-    grid = (int(grid_hw[0]), int(grid_hw[1]))
-    state = context_attention(rope_2d(q, grid, theta=rope_theta), k_ctx, v_ctx, ctx_lens, scale=scale)
-    out, _ = residual_attention(q, k, v, q_prev=q_prev, k_prev=k_prev, gate=gate, scale=scale, state=state,
-                                rope_grid=grid, rope_theta=rope_theta)
+    # The parts' registered ops (and context attention's unchecked entry), not their public
+    # functions: the arguments were validated once by ``latte_attention`` below.
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    gw = int(grid_hw[1])
+    state = _context_attention(torch.ops.latte.rope_2d(q, None, gw, rope_theta, False), k_ctx, v_ctx, ctx_lens, scale)
+    out, _ = torch.ops.latte.residual_attention(q, k, v, q_prev, k_prev, gate, state[0], state[1], scale, scale,
+                                                [int(grid_hw[0]), gw], rope_theta)
     return out
 
 

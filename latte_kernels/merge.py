@@ -106,8 +106,11 @@ if HAS_TRITON:
 
 
 def _blocks(d: int) -> Tuple[int, int]:
+    """(rows, padded head_dim) per program: 1024 elements, 8 per thread at 4 warps. A memory-bound op
+    wants no spill: offline sm_90 compiles of 4096-element tiles spill ~1 KB per thread (int64 strided
+    addresses for four tensors), 1024-element tiles use 128 registers and none (benchmarks/NOTES.md)."""
     block_d = triton.next_power_of_2(d)
-    return max(1, 4096 // block_d), block_d
+    return max(1, 1024 // block_d), block_d
 
 
 def _use_triton(out_a: Tensor, lse_a: Tensor) -> bool:

@@ -24,6 +24,7 @@ from typing import Any, Dict, Optional
 import torch
 from torch import Tensor
 
+from ._io import _fsync_dir, atomic_write
 from .config import LatteFlowConfig
 
 CONFIG_NAME = "config.json"
@@ -32,35 +33,10 @@ TRAINER_NAME = "trainer.pt"
 FORMAT = 1
 
 
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Writes ``data`` to ``path`` through a temporary file in the same directory and ``os.replace``."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", dir=d)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(d)
+    """Writes ``data`` to ``path`` atomically (temporary file, fsync, ``os.replace``)."""
+    with atomic_write(path) as f:
+        f.write(data)
 
 
 def _stored_state(model, include_backbone: bool) -> Dict[str, Tensor]:

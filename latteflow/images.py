@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from ._io import atomic_write
 
 __all__ = ["from_uint8", "make_grid", "save_image_grid", "to_uint8"]
 
@@ -92,14 +93,6 @@ def save_image_grid(images, path: str | os.PathLike, *, ncols: int | None = None
         raise ValueError(f"path must end in .png, got {str(path)!r}")
     grid = make_grid(images, ncols=ncols, scale=scale, padding=padding, pad_value=pad_value)
     img = Image.fromarray(grid[..., 0] if grid.shape[2] == 1 else grid)  # uint8 2-D -> "L", (H, W, 3) -> "RGB"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".png.tmp")
-    os.close(fd)
-    try:
-        img.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path) as f:
+        img.save(f, format="PNG")
     return path

@@ -12,7 +12,7 @@ output depends on no other group's parameters.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +21,32 @@ from torch import Tensor, nn
 from .config import LatteFlowConfig
 from .context import Context, build_context, text_model
 from .layers import ExpertGroup, TimestepEmbedding, patchify, unpatchify
+
+
+class _SampleDraws:
+    """The random draws of ``training_loss``: from one generator (or the global RNG) for the whole
+    batch, or from one generator per sample (each sample's values stacked in batch order)."""
+
+    def __init__(self, generator, batch_size: int):
+        if generator is None or isinstance(generator, torch.Generator):
+            self.per_sample = None
+            self.generator = generator
+            return
+        gens = list(generator)
+        if len(gens) != batch_size or not all(isinstance(g, torch.Generator) for g in gens):
+            raise TypeError(f"generator must be a torch.Generator, None or a sequence of {batch_size} generators "
+                            f"(one per sample), got {type(generator).__name__} of length {len(gens)}")
+        self.per_sample = gens
+
+    def rand(self, b: int, device) -> Tensor:
+        if self.per_sample is None:
+            return torch.rand(b, device=device, generator=self.generator)
+        return torch.cat([torch.rand(1, device=device, generator=g) for g in self.per_sample])
+
+    def randn(self, shape, device) -> Tensor:
+        if self.per_sample is None:
+            return torch.randn(shape, device=device, generator=self.generator)
+        return torch.cat([torch.randn((1, *shape[1:]), device=device, generator=g) for g in self.per_sample])
 
 
 def _text_config(backbone):
@@ -154,27 +180,30 @@ class LatteFlowModel(nn.Module):
         return out
 
     def training_loss(self, x_data: Tensor, ctx: Context, null_ctx: Optional[Context] = None,
-                      generator: Optional[torch.Generator] = None) -> Tensor:
+                      generator: Union[torch.Generator, Sequence[torch.Generator], None] = None) -> Tensor:
         """Layerwise flow matching (SPEC 3): for every sample and every group, ``s`` uniform in the group's
         widened interval, ``x_s = sigma noise + (1 - sigma) x_data``, MSE of the group's velocity against
         ``noise - x_data``; the mean over groups. With probability ``cfg.cfg_dropout`` per sample (drawn
         once, shared by all groups) the condition is replaced by ``null_ctx`` (1 or B rows).
-        ``generator`` (on ``x_data``'s device) makes the draws reproducible."""
+        ``generator`` (on ``x_data``'s device) makes the draws reproducible; a sequence of B generators
+        gives sample b its draws from generator b alone, so they do not depend on the batch the sample
+        sits in (distributed training splits a global batch over ranks this way)."""
         self._check_inputs(x_data, ctx, "x_data")
         b, dev = x_data.shape[0], x_data.device
+        generator = _SampleDraws(generator, b)
         ctx = ctx.expand_to(b)
         if null_ctx is not None and self.cfg.cfg_dropout > 0:
             if not isinstance(null_ctx, Context):
                 raise TypeError(f"null_ctx must be a Context, got {type(null_ctx).__name__}")
-            drop = torch.rand(b, device=dev, generator=generator) < self.cfg.cfg_dropout
+            drop = generator.rand(b, dev) < self.cfg.cfg_dropout
             ctx = ctx.where(drop, null_ctx.to(dev))
         x_data = x_data.float()
         losses = []
         for k in range(self.cfg.num_groups):
             lo, hi = self.cfg.train_interval(k)
-            s = lo + (hi - lo) * torch.rand(b, device=dev, generator=generator)
+            s = lo + (hi - lo) * generator.rand(b, dev)
             sigma = s / 1000.0
-            noise = torch.randn(x_data.shape, device=dev, generator=generator)
+            noise = generator.randn(x_data.shape, dev)
             sg = sigma[:, None, None, None]
             x_s = sg * noise + (1.0 - sg) * x_data
             v = self.group_velocity(k, x_s, sigma, ctx)

@@ -19,11 +19,12 @@ from __future__ import annotations
 import json
 import os
 import string
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import torch
+
+from ._io import atomic_write
 
 __all__ = ["CharTokenizer", "DEFAULT_ALPHABET", "SPECIAL_TOKENS", "TOKENIZER_FILENAME"]
 
@@ -184,16 +185,8 @@ class CharTokenizer:
         path = Path(path)
         if path.is_dir():
             path = path / TOKENIZER_FILENAME
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(self.to_dict(), f, indent=1, ensure_ascii=False)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        with atomic_write(path, "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=1, ensure_ascii=False)
         return path
 
     @classmethod

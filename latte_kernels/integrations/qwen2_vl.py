@@ -107,7 +107,7 @@ def apply_to_qwen2_vl(model: nn.Module) -> nn.Module:
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not hasattr(hf.Qwen2VLRotaryEmbedding, "recomposition_frequencies"):
         raise RuntimeError("apply_to_qwen2_vl needs transformers 5.x, where Qwen2VLRotaryEmbedding returns recomposed "
-                           f"cos/sin; this transformers has the older API")
+                           "cos/sin; this transformers has the older API")
     targets = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, hf.Qwen2VLRotaryEmbedding)]
     already = any(isinstance(mod, MRopePositions) for mod in model.modules())
     if not targets and not already:

@@ -120,3 +120,16 @@ def test_cuda_matches_reference(dtype):
         torch.testing.assert_close(out.double(), exact, atol=1e-4, rtol=1e-4)
     else:
         assert_lowp_close(out, lowp, exact)
+
+
+def test_ctx_lens_values_are_checked_once_per_call(monkeypatch):
+    """On CUDA each value check is a host sync: the composite must not re-validate through the parts."""
+    from latte_kernels import _validate
+
+    calls = []
+    original = _validate.check_ctx_lens_values
+    monkeypatch.setattr(_validate, "check_ctx_lens_values", lambda *a: calls.append(1) or original(*a))
+    q, k, v = torch.randn(2, 6, 2, 16), torch.randn(2, 6, 1, 16), torch.randn(2, 6, 1, 16)
+    kc, vc = torch.randn(2, 3, 1, 16), torch.randn(2, 3, 1, 16)
+    lk.latte_attention(q, k, v, (2, 3), k_ctx=kc, v_ctx=vc, ctx_lens=torch.tensor([0, 3]))
+    assert len(calls) == 1

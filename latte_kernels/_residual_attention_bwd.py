@@ -1,0 +1,273 @@
+"""Backward Triton kernels of ``residual_attention`` and their launcher.
+
+With ``P = exp(S - lse)`` (``lse`` the returned, state-merged LSE, so ``P`` is the share of the union
+softmax) and ``O`` the returned output, the logits' gradient is ``dS = P * (dO v^T - D_i)`` with the
+row term ``D_i = rowsum(dO * O) - dLSE_i``; the state's are ``w_c = exp(lse_c - lse)``,
+``d out_c = w_c dO`` and ``d lse_c = w_c (rowsum(dO * out_c) - D_i)``. Then
+``dq = scale dS k``, ``dq_prev = tanh(g) prev_scale dS k_prev``, ``dk = scale dS^T q``,
+``dk_prev = prev_scale sum_h tanh(g_h) dS_h^T q_prev`` and
+``dgate = (1 - tanh(g)^2) prev_scale sum_ij dS_ij <q_prev_i, k_prev_j>``.
+
+Three kernels, no atomics (deterministic): a row pass (``D_i`` and the state's gradients), a
+key-major pass (one program per key tile of one kv head, looping over the query heads of its GQA
+group and all query tiles: dk, dv, dk_prev in registers) and a query-major pass (dq, dq_prev and the
+per-row gate sums, reduced over rows afterwards). Both recompute ``P`` from ``lse``; nothing of size
+``Nq x Nk`` is stored. With ``rope_grid`` the inputs are rotated once (O(N), the forward's rotation
+kernel) before these kernels and the float32 gradients rotated back after them.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _residual_attention_fwd as _fwd
+from ._residual_attention_fwd import LOG2E, LOG2E_C, _cfg, _tuned, dot_precision, head_dim_pad, launch
+
+
+@triton.jit
+def _rows_kernel(
+    DO, O, LSE, DLSE, OC, LC, DELTA, DOC, DLC,
+    sdob, sdon, sdoh, sdod,
+    sob, son, soh, sod,
+    socb, socn, soch, socd,
+    slcb, slch, slcn,
+    sdlb, sdlh, sdln,
+    Nq, Hq,
+    D: tl.constexpr, DP: tl.constexpr, BLOCK_M: tl.constexpr, HAS_STATE: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // Hq).to(tl.int64)
+    h = pid_bh % Hq
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, DP)
+    mask_m = offs_m < Nq
+    mask_md = mask_m[:, None] & (offs_d < D)[None, :]
+    do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdon + offs_d[None, :] * sdod, mask=mask_md, other=0.0).to(tl.float32)
+    o = tl.load(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod, mask=mask_md, other=0.0).to(tl.float32)
+    dlse = tl.load(DLSE + b * sdlb + h * sdlh + offs_m * sdln, mask=mask_m, other=0.0).to(tl.float32)
+    delta = tl.sum(do * o, 1) - dlse
+    row = (b * Hq + h) * Nq + offs_m
+    tl.store(DELTA + row, delta, mask=mask_m)
+    if HAS_STATE:
+        lse = tl.load(LSE + row, mask=mask_m, other=0.0).to(tl.float32)
+        lc = tl.load(LC + b * slcb + h * slch + offs_m * slcn, mask=mask_m, other=float("-inf")).to(tl.float32)
+        w = tl.where(lc == float("-inf"), 0.0, tl.exp(lc - lse))
+        oc = tl.load(OC + b * socb + h * soch + offs_m[:, None] * socn + offs_d[None, :] * socd, mask=mask_md, other=0.0).to(tl.float32)
+        doc = w[:, None] * do
+        dlc = w * (tl.sum(do * oc, 1) - delta)
+        # DOC is a fresh contiguous (B, Nq, Hq, D) buffer
+        tl.store(DOC + ((b * Nq + offs_m[:, None]) * Hq + h) * D + offs_d[None, :], doc.to(DOC.dtype.element_ty), mask=mask_md)
+        tl.store(DLC + row, dlc.to(DLC.dtype.element_ty), mask=mask_m)
+
+
+@triton.jit
+def _dkdv_kernel(
+    Q, K, V, QP, KP, TG, DO, LSE, DELTA, DK, DV, DKP,
+    sqb, sqn, sqh, sqd,
+    skb, skn, skh, skd,
+    svb, svn, svh, svd,
+    sqpb, sqpn, sqph, sqpd,
+    skpb, skpn, skph, skpd,
+    sdob, sdon, sdoh, sdod,
+    Nq, Nk, Hq, Hkv, GROUP,
+    c_qk, scale, prev_scale,
+    D: tl.constexpr, DP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_RES: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // Hkv).to(tl.int64)
+    hk = pid_bh % Hkv
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, DP)
+    mask_n = offs_n < Nk
+    mask_d = offs_d < D
+    mask_nd = mask_n[:, None] & mask_d[None, :]
+
+    k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=mask_nd, other=0.0)
+    v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=mask_nd, other=0.0)
+    dk = tl.zeros([BLOCK_N, DP], tl.float32)
+    dv = tl.zeros([BLOCK_N, DP], tl.float32)
+    if HAS_RES:
+        kp = tl.load(KP + b * skpb + hk * skph + offs_n[:, None] * skpn + offs_d[None, :] * skpd, mask=mask_nd, other=0.0)
+        dkp = tl.zeros([BLOCK_N, DP], tl.float32)
+
+    for g in range(0, GROUP):
+        h = hk * GROUP + g
+        if HAS_RES:
+            tg = tl.load(TG + b * Hq + h).to(tl.float32)
+            c_res = tg * prev_scale * LOG2E_C
+        for start_m in range(0, Nq, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            mask_m = offs_m < Nq
+            mask_md = mask_m[:, None] & mask_d[None, :]
+            q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask=mask_md, other=0.0)
+            row = (b * Hq + h) * Nq + offs_m
+            lse2 = tl.load(LSE + row, mask=mask_m, other=0.0).to(tl.float32) * LOG2E_C
+            delta = tl.load(DELTA + row, mask=mask_m, other=0.0)
+            # transposed logits: (BLOCK_N, BLOCK_M)
+            st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * c_qk
+            if HAS_RES:
+                qp = tl.load(QP + b * sqpb + h * sqph + offs_m[:, None] * sqpn + offs_d[None, :] * sqpd, mask=mask_md, other=0.0)
+                st += tl.dot(kp, tl.trans(qp), input_precision=DOT_PREC) * c_res
+            pt = tl.where(mask_m[None, :] & mask_n[:, None], tl.exp2(st - lse2[None, :]), 0.0)
+            do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdon + offs_d[None, :] * sdod, mask=mask_md, other=0.0)
+            dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PREC)
+            dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+            dst = pt * (dpt - delta[None, :])
+            dk += tl.dot(dst.to(q.dtype), q, input_precision=DOT_PREC)
+            if HAS_RES:
+                dkp += tl.dot(dst.to(qp.dtype), qp, input_precision=DOT_PREC) * tg
+
+    # DK, DV, DKP are fresh contiguous (B, Nk, Hkv, D) buffers
+    out = ((b * Nk + offs_n[:, None]) * Hkv + hk) * D + offs_d[None, :]
+    tl.store(DK + out, (dk * scale).to(DK.dtype.element_ty), mask=mask_nd)
+    tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=mask_nd)
+    if HAS_RES:
+        tl.store(DKP + out, (dkp * prev_scale).to(DKP.dtype.element_ty), mask=mask_nd)
+
+
+@triton.jit
+def _dq_kernel(
+    Q, K, V, QP, KP, TG, DO, LSE, DELTA, DQ, DQP, GROW,
+    sqb, sqn, sqh, sqd,
+    skb, skn, skh, skd,
+    svb, svn, svh, svd,
+    sqpb, sqpn, sqph, sqpd,
+    skpb, skpn, skph, skpd,
+    sdob, sdon, sdoh, sdod,
+    Nq, Nk, Hq, GROUP,
+    c_qk, scale, prev_scale,
+    D: tl.constexpr, DP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_RES: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // Hq).to(tl.int64)
+    h = pid_bh % Hq
+    hk = h // GROUP
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, DP)
+    mask_m = offs_m < Nq
+    mask_d = offs_d < D
+    mask_md = mask_m[:, None] & mask_d[None, :]
+
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask=mask_md, other=0.0)
+    do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdon + offs_d[None, :] * sdod, mask=mask_md, other=0.0)
+    row = (b * Hq + h) * Nq + offs_m
+    lse2 = tl.load(LSE + row, mask=mask_m, other=0.0).to(tl.float32) * LOG2E_C
+    delta = tl.load(DELTA + row, mask=mask_m, other=0.0)
+    dq = tl.zeros([BLOCK_M, DP], tl.float32)
+    if HAS_RES:
+        qp = tl.load(QP + b * sqpb + h * sqph + offs_m[:, None] * sqpn + offs_d[None, :] * sqpd, mask=mask_md, other=0.0)
+        tg = tl.load(TG + b * Hq + h).to(tl.float32)
+        c_res = tg * prev_scale * LOG2E_C
+        dqp = tl.zeros([BLOCK_M, DP], tl.float32)
+        grow = tl.zeros([BLOCK_M], tl.float32)
+
+    for start_n in range(0, Nk, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < Nk
+        mask_nd = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=mask_nd, other=0.0)
+        v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=mask_nd, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * c_qk
+        if HAS_RES:
+            kp = tl.load(KP + b * skpb + hk * skph + offs_n[:, None] * skpn + offs_d[None, :] * skpd, mask=mask_nd, other=0.0)
+            s_prev = tl.dot(qp, tl.trans(kp), input_precision=DOT_PREC)
+            s += s_prev * c_res
+        p = tl.where(mask_m[:, None] & mask_n[None, :], tl.exp2(s - lse2[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+        if HAS_RES:
+            dqp += tl.dot(ds.to(kp.dtype), kp, input_precision=DOT_PREC)
+            grow += tl.sum(ds * s_prev, 1)
+
+    out = ((b * Nq + offs_m[:, None]) * Hq + h) * D + offs_d[None, :]
+    tl.store(DQ + out, (dq * scale).to(DQ.dtype.element_ty), mask=mask_md)
+    if HAS_RES:
+        tl.store(DQP + out, (dqp * (tg * prev_scale)).to(DQP.dtype.element_ty), mask=mask_md)
+        tl.store(GROW + row, grow, mask=mask_m)
+
+
+# FLOP/byte as in the forward. The key-major pass holds k, v, k_prev and three float32 (BLOCK_N, D)
+# accumulators, the query-major pass q, q_prev, dO and two: with the residual both sit at the
+# 255-register limit already at 64 x 64 tiles with 8 warps (offline sm_90 compiles, D=128: ~0.5-0.7 KiB
+# of spill per thread), so the lists favour 64 x 64 / 8 warps and let the autotuner weigh larger tiles.
+DKDV_CONFIGS = {
+    64: [_cfg(64, 128, 8, 2), _cfg(64, 64, 4, 3), _cfg(32, 64, 4, 3), _cfg(32, 128, 8, 2)],
+    # 64 x 32 and 32 x 32 with 8 warps compile spill-free with the residual at D=128 (64 x 64: ~0.8 KB)
+    128: [_cfg(64, 64, 8, 2), _cfg(32, 64, 8, 2), _cfg(32, 64, 4, 3), _cfg(64, 128, 8, 2), _cfg(64, 32, 8, 2),
+          _cfg(32, 32, 8, 2)],
+    256: [_cfg(32, 32, 8, 1), _cfg(32, 64, 8, 1), _cfg(16, 32, 4, 1)],
+    "fp32": [_cfg(32, 32, 4, 1), _cfg(16, 32, 4, 1)],
+}
+DQ_CONFIGS = {
+    64: [_cfg(128, 64, 8, 2), _cfg(64, 64, 4, 3), _cfg(128, 32, 4, 3), _cfg(64, 128, 8, 2)],
+    # 32 x 32 / 4 warps compiles spill-free with the residual at D=128, 32 x 64 / 8 warps ~70 B (64 x 64: ~0.4 KB)
+    128: [_cfg(64, 64, 8, 2), _cfg(64, 32, 4, 2), _cfg(128, 64, 8, 2), _cfg(64, 64, 4, 3), _cfg(32, 32, 4, 2),
+          _cfg(32, 64, 8, 2)],
+    256: [_cfg(32, 32, 8, 1), _cfg(64, 32, 8, 1), _cfg(32, 64, 8, 1)],
+    "fp32": [_cfg(32, 32, 4, 1), _cfg(32, 16, 4, 1)],
+}
+ROWS_BLOCK_M = 64
+
+_dkdv_tuned = _tuned(_dkdv_kernel, DKDV_CONFIGS, key=["Nq", "Nk", "D", "HAS_RES"])
+_dq_tuned = _tuned(_dq_kernel, DQ_CONFIGS, key=["Nq", "Nk", "D", "HAS_RES"])
+
+
+def backward(dout, dlse, q, k, v, q_prev, k_prev, gate, tanh_gate, out_c, lse_c, out, lse,
+             scale, prev_scale, rope_grid, rope_theta):
+    """Launches the three backward kernels; returns (dq, dk, dv, dq_prev, dk_prev, dgate, dout_c, dlse_c),
+    with ``None`` for the inputs that were not given."""
+    b, nq, hq, d = q.shape
+    nk, hkv = k.shape[1], k.shape[2]
+    has_res = q_prev is not None
+    has_state = out_c is not None
+    dp = head_dim_pad(d)
+    dev = q.device
+    dot_prec = dot_precision(q.dtype)
+
+    delta = _fwd.empty((b, hq, nq), torch.float32, dev)
+    dout_c = _fwd.empty(out_c.shape, out_c.dtype, dev) if has_state else None
+    dlse_c = _fwd.empty((b, hq, nq), lse_c.dtype, dev) if has_state else None
+    oc, lc = (out_c, lse_c) if has_state else (q, lse)
+    rows_args = (dout, out, lse, dlse, oc, lc, delta, dout_c if has_state else delta, dlse_c if has_state else delta,
+                 *dout.stride(), *out.stride(), *oc.stride(), *lc.stride(), *dlse.stride(), nq, hq)
+    _rows_kernel[(triton.cdiv(nq, ROWS_BLOCK_M), b * hq)](
+        *rows_args, D=d, DP=dp, BLOCK_M=ROWS_BLOCK_M, HAS_STATE=has_state)
+
+    rope = rope_grid is not None
+    if rope:  # rotate once here (O(N)), run the plain kernels, rotate the gradients back below
+        q, k = _fwd.rope(q, rope_grid, rope_theta), _fwd.rope(k, rope_grid, rope_theta)
+        if has_res:
+            q_prev, k_prev = _fwd.rope(q_prev, rope_grid, rope_theta), _fwd.rope(k_prev, rope_grid, rope_theta)
+    grad_dtype = torch.float32 if rope else q.dtype  # rotate back from float32, round once
+    dq = _fwd.empty((b, nq, hq, d), grad_dtype, dev)
+    dk = _fwd.empty((b, nk, hkv, d), grad_dtype, dev)
+    dv = _fwd.empty((b, nk, hkv, d), v.dtype, dev)
+    dqp = _fwd.empty(dq.shape, dq.dtype, dev) if has_res else None
+    dkp = _fwd.empty(dk.shape, dk.dtype, dev) if has_res else None
+    grow = _fwd.empty((b, hq, nq), torch.float32, dev) if has_res else None
+    qp, kp, tg = (q_prev, k_prev, tanh_gate) if has_res else (q, k, q)
+    strides = (*q.stride(), *k.stride(), *v.stride(), *qp.stride(), *kp.stride(), *dout.stride())
+    consts = dict(D=d, DP=dp, HAS_RES=has_res, DOT_PREC=dot_prec)
+    launch(_dkdv_kernel, _dkdv_tuned, lambda meta: (triton.cdiv(nk, meta["BLOCK_N"]), b * hkv), dp,
+           (q, k, v, qp, kp, tg, dout, lse, delta, dk, dv, dkp if has_res else dk, *strides,
+            nq, nk, hq, hkv, hq // hkv, scale * LOG2E, scale, prev_scale), consts)
+    launch(_dq_kernel, _dq_tuned, lambda meta: (triton.cdiv(nq, meta["BLOCK_M"]), b * hq), dp,
+           (q, k, v, qp, kp, tg, dout, lse, delta, dq, dqp if has_res else dq, grow if has_res else delta, *strides,
+            nq, nk, hq, hq // hkv, scale * LOG2E, scale, prev_scale), consts)
+
+    dgate = None
+    if has_res:
+        dgate = ((1 - tanh_gate * tanh_gate) * prev_scale * grow.sum(-1)).to(gate.dtype)
+    if rope:
+        unrotate = lambda g: _fwd.rope(g, rope_grid, rope_theta, inverse=True, dtype=out.dtype)  # noqa: E731
+        dq, dk = unrotate(dq), unrotate(dk)
+        if has_res:
+            dqp, dkp = unrotate(dqp), unrotate(dkp)
+    return dq, dk, dv, dqp, dkp, dgate, dout_c, dlse_c
