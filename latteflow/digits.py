@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .backbones import build_backbone, tiny_qwen2vl_config
-from .checkpoint import atomic_write_bytes, read_config, save_checkpoint
+from .checkpoint import atomic_write_bytes, save_checkpoint
 from .config import LatteFlowConfig
 from .context import Context
 from .data import DIGIT_PROMPTS, GRID_HW, NUM_CLASSES, load_digits_split
@@ -204,7 +204,7 @@ def evaluate_model(model: LatteFlowModel, contexts: PromptContexts, *, per_class
 
 # ------------------------------------------------------------------------------------------------
 # training
-def _git_commit() -> Optional[str]:
+def git_commit() -> Optional[str]:
     import subprocess
 
     here = os.path.dirname(os.path.abspath(__file__))
@@ -274,7 +274,7 @@ def train_digits(out_dir: str, *, steps: int, seed: int = 0, recipe: Optional[Di
     os.makedirs(os.path.join(ckpt_dir, EMA_DIR), exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     t_start = time.perf_counter()
-    commit = _git_commit()  # before training: the code that trains, not what the tree holds at the end
+    commit = git_commit()  # before training: the code that trains, not what the tree holds at the end
     model, tok = build_digits_model(recipe, init_seed=seed, device=device)
     data = make_batches(model, tok, batch_size, seed)
     contexts = PromptContexts(model, tok)

@@ -25,7 +25,7 @@ from typing import Dict, List
 
 import torch
 
-from .digits import DigitsRecipe, PromptContexts, build_digits_model, device_description, train_digits, _git_commit
+from .digits import DigitsRecipe, PromptContexts, git_commit, device_description, train_digits
 
 MODELS = {
     "latte_couple": DigitsRecipe(variant="couple", num_groups=4, residual_attention=True),
@@ -186,7 +186,7 @@ def main(argv=None) -> int:
     plot(rows, os.path.join(a.out, "digits_claims.png"), device)
     for r in rows:
         print({k: r[k] for k in FIELDS if r[k] != ""})
-    print(f"wrote {csv_path} and digits_claims.png (commit {_git_commit()})")
+    print(f"wrote {csv_path} and digits_claims.png (commit {git_commit()})")
     return 0
 
 
