@@ -4,6 +4,9 @@
     latteflow train --data digits --out DIR --steps N --seed S [--resume ...]
     latteflow eval [--checkpoint digits --per-class 50 --steps 40 --guidance 5 --seed 0]
     latteflow bench ...            (benchmarks.e2e)
+    latteflow sample --distributed ...   (under torchrun: latteflow.sample_ddp)
+    latteflow train --distributed ...    (under torchrun: latteflow.train_ddp)
+    latteflow eval --fid ...             (torch-fidelity scores: latteflow.fid)
 
 Bad input (arguments, paths, checkpoints, prompts) prints one ``latteflow: error: ...`` line on stderr
 and exits with status 2; ``LATTEFLOW_DEBUG=1`` re-raises instead, with the traceback.
@@ -101,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompt, e.g. 'digit 7' (repeat for several; --num images each)")
     p.add_argument("--num", type=_positive_int, default=16, help="images per prompt (default 16)")
     p.add_argument("--out", required=True, help="PNG file to write (its folder must exist)")
+    p.add_argument("--distributed", action="store_true",
+                   help="sample a global index range across torchrun ranks (latteflow.sample_ddp; see its --help)")
     _add_sampling(p)
 
     p = sub.add_parser("train", help="train a model (digits) with periodic checkpoints")
@@ -121,10 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score the result with this many samples per class (0: skip)")
     p.add_argument("--eval-steps", type=_positive_int, default=40)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--distributed", action="store_true",
+                   help="DDP / FSDP2 training under torchrun (latteflow.train_ddp; see its --help)")
 
     p = sub.add_parser("eval", help="score a digits checkpoint: accuracy, Frechet distance, spread")
     p.add_argument("--per-class", type=_positive_int, default=50, help="samples per class (default 50)")
     p.add_argument("--out", default=None, help="optional PNG grid of the samples (one row per class)")
+    p.add_argument("--fid", action="store_true",
+                   help="FID / IS / precision-recall of an .npz or PNG folder with local Inception weights (latteflow.fid)")
     _add_sampling(p)
 
     sub.add_parser("bench", help="end-to-end benchmark (benchmarks.e2e); every later argument passes through",
@@ -224,6 +233,22 @@ def _cmd_bench(a) -> int:
     return int(rc) if isinstance(rc, int) else 0
 
 
+# ``<command> <flag>`` hands every other argument to that module's own command line
+DELEGATED = {("sample", "--distributed"): "latteflow.sample_ddp", ("train", "--distributed"): "latteflow.train_ddp",
+             ("eval", "--fid"): "latteflow.fid"}
+
+
+def _delegated(argv: List[str]) -> Optional[int]:
+    """The exit status of a delegated command, or None when ``argv`` is not one."""
+    import importlib
+
+    for (command, flag), module in DELEGATED.items():
+        if argv[0] == command and flag in argv[1:]:
+            rc = importlib.import_module(module).main([a for a in argv[1:] if a != flag])
+            return int(rc) if isinstance(rc, int) else 0
+    return None
+
+
 def _known_errors():
     errors = [ValueError, TypeError, FileNotFoundError, OSError]
     try:
@@ -251,6 +276,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 0 if argv else EXIT_USAGE
         if argv[0] == "bench":  # everything after it belongs to benchmarks.e2e, flags included
             return _cmd_bench(argparse.Namespace(args=argv[1:]))
+        delegated = _delegated(argv)
+        if delegated is not None:
+            return delegated
         a = parser.parse_args(argv)
         if a.command == "sample":
             return _cmd_sample(a)

@@ -117,3 +117,23 @@ def test_python_dash_m(tmp_path):
     r = subprocess.run([sys.executable, "-m", "latteflow", "sample", "--prompt", "digit 3", "--num", "0",
                         "--out", str(grid)], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_sample_distributed_delegates_to_sample_ddp(tmp_path, capsys):
+    """``latteflow sample --distributed`` (one process, no torchrun) writes PNGs and the ADM npz."""
+    import numpy as np
+
+    rc = main(["sample", "--distributed", "--checkpoint", "digits", "--out", str(tmp_path / "ddp"), "--num-samples", "3",
+               "--steps", "3", "--device", "cpu"])
+    assert rc == 0, capsys.readouterr().err
+    assert "sampled 3 images on 1 rank(s)" in capsys.readouterr().out
+    with np.load(tmp_path / "ddp" / "samples_3x8x8x3.npz") as f:
+        assert f["arr_0"].shape == (3, 8, 8, 3) and f["arr_0"].dtype == np.uint8
+
+
+def test_eval_fid_delegates_and_names_what_is_missing(tmp_path, capsys):
+    rc = main(["eval", "--fid", "--samples", str(tmp_path / "none.npz"), "--inception-weights", str(tmp_path / "w.pth"),
+               "--reference", str(tmp_path / "ref.npz")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    assert err.strip().startswith("latteflow eval --fid: error:") and len(err.strip().splitlines()) == 1
