@@ -52,7 +52,6 @@ ignores activation traffic (at batch 1 it stays in L2, at batch 50 the step is c
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import tempfile
 import time
@@ -61,6 +60,8 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+
+from latteflow.argtypes import finite_float, positive_int
 
 from .common import (RESULTS_DIR, device_name, measure_copy_bandwidth_gbps, measure_matmul_tflops, peak_memory_mb,
                      results_path, write_row)
@@ -299,37 +300,17 @@ def _uncompiled(model) -> None:
 # main
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _finite_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return value
-
-
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.e2e", description=__doc__.split("\n\n")[0],
                                      epilog="See the module docstring (or benchmarks/README.md) for what is timed.")
     parser.add_argument("--small", action="store_true",
                         help="tiny backbone, K=4, 4x4 grid, T=4, batch 2, float32, eager modes only "
                              "(always on without CUDA); rows go to a temp file unless --out is given")
-    parser.add_argument("--batch", type=_positive_int, nargs="+", default=None,
+    parser.add_argument("--batch", type=positive_int, nargs="+", default=None,
                         help="batch sizes (default: 1 50; small: 2)")
-    parser.add_argument("--steps", type=_positive_int, default=None, help="Euler steps T (default 40; small: 4)")
-    parser.add_argument("--guidance", type=_finite_float, default=5.0, help="CFG weight (default 5)")
-    parser.add_argument("--repeats", type=_positive_int, default=None,
+    parser.add_argument("--steps", type=positive_int, default=None, help="Euler steps T (default 40; small: 4)")
+    parser.add_argument("--guidance", type=finite_float, default=5.0, help="CFG weight (default 5)")
+    parser.add_argument("--repeats", type=positive_int, default=None,
                         help="timed runs per mode and batch, after one warm-up run (default 5; small: 3)")
     parser.add_argument("--modes", nargs="+", choices=MODE_NAMES, default=None,
                         help="modes to run (default: all that the device supports)")

@@ -14,12 +14,13 @@ and exits with status 2; ``LATTEFLOW_DEBUG=1`` re-raises instead, with the trace
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import shlex
 import sys
 import time
 from typing import List, Optional, Sequence
+
+from .argtypes import finite_float, nonneg_int, positive_float, positive_int
 
 PROG = "latteflow"
 EXIT_USAGE = 2
@@ -32,43 +33,6 @@ class UsageError(ValueError):
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # argparse prints usage and exits; we want one line and our exit path
         raise UsageError(f"{self.prog}: {message}")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {v}")
-    return v
-
-
-def _nonneg_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {v}")
-    return v
-
-
-def _finite_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(v):
-        raise argparse.ArgumentTypeError(f"must be finite, got {text!r}")
-    return v
-
-
-def _positive_float(text: str) -> float:
-    v = _finite_float(text)
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
-    return v
 
 
 def _png_out(path: str, flag: str = "--out") -> str:
@@ -88,9 +52,9 @@ def _device_words(device) -> str:
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default="digits", help="shipped name ('digits') or a checkpoint directory")
-    p.add_argument("--steps", type=_positive_int, default=40, help="Euler steps (default 40)")
-    p.add_argument("--guidance", type=_finite_float, default=5.0, help="classifier-free guidance weight (default 5)")
-    p.add_argument("--seed", type=_nonneg_int, default=0, help="seed of the initial noise (default 0)")
+    p.add_argument("--steps", type=positive_int, default=40, help="Euler steps (default 40)")
+    p.add_argument("--guidance", type=finite_float, default=5.0, help="classifier-free guidance weight (default 5)")
+    p.add_argument("--seed", type=nonneg_int, default=0, help="seed of the initial noise (default 0)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
 
 
@@ -102,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="generate images for prompts and write a PNG grid")
     p.add_argument("--prompt", action="append", required=True,
                    help="prompt, e.g. 'digit 7' (repeat for several; --num images each)")
-    p.add_argument("--num", type=_positive_int, default=16, help="images per prompt (default 16)")
+    p.add_argument("--num", type=positive_int, default=16, help="images per prompt (default 16)")
     p.add_argument("--out", required=True, help="PNG file to write (its folder must exist)")
     p.add_argument("--distributed", action="store_true",
                    help="sample a global index range across torchrun ranks (latteflow.sample_ddp; see its --help)")
@@ -111,26 +75,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model (digits) with periodic checkpoints")
     p.add_argument("--data", required=True, choices=["digits"], help="dataset (digits: scikit-learn's 8x8 digits)")
     p.add_argument("--out", required=True, help="output folder: checkpoints/, losses.csv, model/ (the result)")
-    p.add_argument("--steps", type=_positive_int, required=True, help="optimizer steps in total")
-    p.add_argument("--seed", type=_nonneg_int, default=0, help="seed of init, batches, timesteps and noise")
-    p.add_argument("--batch-size", type=_positive_int, default=32)
-    p.add_argument("--lr", type=_positive_float, default=1e-3)
-    p.add_argument("--ema", type=_finite_float, default=0.999, help="EMA decay of the exported weights")
-    p.add_argument("--checkpoint-every", type=_nonneg_int, default=250, help="steps between checkpoints (0: none)")
+    p.add_argument("--steps", type=positive_int, required=True, help="optimizer steps in total")
+    p.add_argument("--seed", type=nonneg_int, default=0, help="seed of init, batches, timesteps and noise")
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--lr", type=positive_float, default=1e-3)
+    p.add_argument("--ema", type=finite_float, default=0.999, help="EMA decay of the exported weights")
+    p.add_argument("--checkpoint-every", type=nonneg_int, default=250, help="steps between checkpoints (0: none)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--variant", choices=["couple", "vanilla_couple"], default="couple")
-    p.add_argument("--groups", type=_positive_int, default=4, help="expert groups K (couple)")
+    p.add_argument("--groups", type=positive_int, default=4, help="expert groups K (couple)")
     p.add_argument("--no-residual-attention", action="store_true")
-    p.add_argument("--backbone-seed", type=_nonneg_int, default=0)
-    p.add_argument("--eval-per-class", type=_nonneg_int, default=50,
+    p.add_argument("--backbone-seed", type=nonneg_int, default=0)
+    p.add_argument("--eval-per-class", type=nonneg_int, default=50,
                    help="score the result with this many samples per class (0: skip)")
-    p.add_argument("--eval-steps", type=_positive_int, default=40)
+    p.add_argument("--eval-steps", type=positive_int, default=40)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--distributed", action="store_true",
                    help="DDP / FSDP2 training under torchrun (latteflow.train_ddp; see its --help)")
 
     p = sub.add_parser("eval", help="score a digits checkpoint: accuracy, Frechet distance, spread")
-    p.add_argument("--per-class", type=_positive_int, default=50, help="samples per class (default 50)")
+    p.add_argument("--per-class", type=positive_int, default=50, help="samples per class (default 50)")
     p.add_argument("--out", default=None, help="optional PNG grid of the samples (one row per class)")
     p.add_argument("--fid", action="store_true",
                    help="FID / IS / precision-recall of an .npz or PNG folder with local Inception weights (latteflow.fid)")
