@@ -16,6 +16,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from latte_kernels import _validate
+
 
 @dataclass(frozen=True)
 class Context:
@@ -36,6 +38,13 @@ class Context:
                     raise ValueError(f"{name} must all be (B, Nc, Hkv, D) with B, Nc = {tuple(k0.shape[:2])}, got {tuple(t.shape)}")
         if self.ctx_lens.shape != (k0.shape[0],) or self.ctx_lens.dtype != torch.int32:
             raise ValueError(f"ctx_lens must be int32 of shape ({k0.shape[0]},), got {self.ctx_lens.dtype} {tuple(self.ctx_lens.shape)}")
+
+    def check_lens(self) -> "Context":
+        """Checks ``0 <= ctx_lens <= Nc`` (one host read, skipped inside CUDA-graph capture and
+        torch.compile). The model does this once per call, so its generation layers run the attention
+        op without per-layer checks, each of which would be a host sync on CUDA."""
+        _validate.check_ctx_lens_values(self.ctx_lens, self.max_len)
+        return self
 
     @property
     def batch_size(self) -> int:

@@ -19,10 +19,19 @@ import latte_kernels as lk
 from latte_kernels import reference as lk_reference
 
 
+def _fused_latte_attention(q, k, v, grid_hw, *, k_ctx, v_ctx, ctx_lens=None, q_prev=None, k_prev=None, gate=None,
+                           rope_theta=10000.0):
+    """``lk.latte_attention``'s registered op without the public argument checks: the layer builds
+    every shape itself and the model checks ``ctx_lens`` once per call (``Context.check_lens``), so a
+    sampling step reads no device value on the host (each check would be a sync on CUDA)."""
+    return torch.ops.latte.latte_attention(q, k, v, list(grid_hw), k_ctx, v_ctx, ctx_lens, q_prev, k_prev, gate, None,
+                                           rope_theta)
+
+
 def attention_fn(backend: str):
     """The ``latte_attention`` implementation of a backend name."""
     if backend == "fused":
-        return lk.latte_attention
+        return _fused_latte_attention
     if backend == "reference":
         return lk_reference.latte_attention
     raise ValueError(f"backend must be 'fused' or 'reference', got {backend!r}")

@@ -142,6 +142,7 @@ class LatteFlowModel(nn.Module):
             raise ValueError(f"ctx has {ctx.batch_size} rows, {name} has {x.shape[0]} (need equal, or 1 to broadcast)")
         if ctx.device != x.device:
             raise ValueError(f"ctx is on {ctx.device}, {name} on {x.device}")
+        ctx.check_lens()
 
     def group_velocity(self, k: int, x: Tensor, sigma: Tensor, ctx: Context) -> Tensor:
         """Velocity from group ``k`` alone, whatever the timesteps (no checks, no host sync: the

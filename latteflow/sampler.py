@@ -135,6 +135,9 @@ def sample(model, ctx: Context, null_ctx: Optional[Context] = None, *, steps: in
         raise TypeError(f"null_ctx must be a Context or None, got {type(null_ctx).__name__}")
     if isinstance(guidance, bool) or not isinstance(guidance, (int, float)):
         raise TypeError(f"guidance must be a number, got {guidance!r}")
+    for c in (ctx, null_ctx):
+        if c is not None:
+            c.check_lens()  # once, here: the loop below never reads a device value on the host
     schedule = timestep_schedule(cfg, steps)
     b, device = ctx.batch_size, ctx.device
     shape = (b, cfg.latent_channels, *cfg.latent_hw)

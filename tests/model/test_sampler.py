@@ -111,3 +111,24 @@ def test_cuda_graph_replay_equals_eager(tiny):
     assert len(model._step_graphs) == 1 and cached.graphs == captured
     torch.testing.assert_close(swapped, sample(model, null.expand_to(2), ctx.index_select(torch.tensor([1, 0], device="cuda")),
                                                steps=12, guidance=2.0, noise=noise, cuda_graphs=False), atol=1e-5, rtol=1e-5)
+
+
+def test_sampling_checks_ctx_lens_once_per_context_not_per_layer(tiny, monkeypatch):
+    """On CUDA each ctx_lens value check is a host sync: the sampling loop must not do any."""
+    from latte_kernels import _validate
+
+    model, ctx, null = _setup(tiny, num_groups=2, num_layers=2, backend="fused")
+    calls = []
+    original = _validate.check_ctx_lens_values
+    monkeypatch.setattr(_validate, "check_ctx_lens_values", lambda *a: calls.append(1) or original(*a))
+    sample(model, ctx, null, steps=5, guidance=2.0, generator=torch.Generator().manual_seed(0))
+    assert len(calls) == 2  # the conditional and the null context, once each
+
+
+def test_out_of_range_ctx_lens_is_a_value_error(tiny):
+    model, ctx, null = _setup(tiny, num_groups=2, num_layers=2)
+    bad = Context(ctx.keys, ctx.values, torch.full_like(ctx.ctx_lens, ctx.max_len + 1))
+    with pytest.raises(ValueError, match="ctx_lens values"):
+        sample(model, bad, null, steps=2)
+    with pytest.raises(ValueError, match="ctx_lens values"):
+        model.velocity(torch.zeros(bad.batch_size, model.cfg.latent_channels, *model.cfg.latent_hw), 0.5, bad)
