@@ -31,7 +31,7 @@ def _composite(q: Tensor, k: Tensor, v: Tensor, grid_hw: List[int], k_ctx: Tenso
                gate: Optional[Tensor], scale: Optional[float], rope_theta: float) -> Tensor:
     # The parts' registered ops (and context attention's unchecked entry), not their public
     # functions: the arguments were validated once by ``latte_attention`` below.
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scale = V.check_scale("scale", scale, q.shape[-1])  # the one place that defines the default
     gw = int(grid_hw[1])
     state = _context_attention(torch.ops.latte.rope_2d(q, None, gw, rope_theta, False), k_ctx, v_ctx, ctx_lens, scale)
     out, _ = torch.ops.latte.residual_attention(q, k, v, q_prev, k_prev, gate, state[0], state[1], scale, scale,
