@@ -5,8 +5,10 @@ One program owns ``BLOCK_M`` query rows of one query head and streams the keys o
 registers (online softmax, base-2: ``log2(e)`` is folded into the logit scales). The residual logits
 are a second ``tl.dot`` per key tile, so no ``Nq x Nk`` tensor ever exists. A given state
 ``(out_c, lse_c)`` is the starting point of the online softmax: ``m = lse_c``, ``l = 1`` (an empty
-state, ``lse_c = -inf``, starts from ``m = -inf``, ``l = 0``); ``out_c`` joins the accumulator in the
-epilogue with the weight ``exp(lse_c - m_final)`` it would have had from the start.
+state, ``lse_c = -inf``, starts from ``m = -inf``, ``l = 0`` and its ``out_c`` row is never read, so it
+may hold NaN); ``out_c`` joins the accumulator in the epilogue with the weight ``exp(lse_c - m_final)``
+it would have had from the start. Every tensor, the small ones (gate, lse_c) included, is read
+through its strides.
 """
 from __future__ import annotations
 
@@ -80,6 +82,7 @@ def _fwd_kernel(
     skpb, skpn, skph, skpd,
     socb, socn, soch, socd,
     slcb, slch, slcn,
+    stgb, stgh,
     sob, son, soh, sod,
     Nq, Nk, Hq, GROUP, GW,
     c_qk, c_prev,
@@ -109,7 +112,7 @@ def _fwd_kernel(
         qp = tl.load(qp_base + offs_m[:, None] * sqpn + offs_d[None, :] * sqpd, mask=mask_md, other=0.0)
         if ROPE:
             qp = rope_tile(qp, qp_base, offs_m, offs_d, sqpn, sqpd, mask_md, INVF, GW, D)
-        c_res = tl.load(TG + b * Hq + h).to(tl.float32) * c_prev  # tanh(gate) * prev_scale * log2(e)
+        c_res = tl.load(TG + b64 * stgb + h * stgh).to(tl.float32) * c_prev  # tanh(gate) * prev_scale * log2(e)
 
     # The online softmax starts from the given state: its max is lse_c, its sum 1 (an empty state,
     # lse_c = -inf, contributes nothing). Its output joins in the epilogue, scaled like the
@@ -147,7 +150,9 @@ def _fwd_kernel(
         m_i = m_new
 
     if HAS_STATE:
-        oc = tl.load(OC + b64 * socb + h * soch + offs_m[:, None] * socn + offs_d[None, :] * socd, mask=mask_md, other=0.0)
+        state_ok = m_state != float("-inf")  # an empty state's out_c is not read
+        oc = tl.load(OC + b64 * socb + h * soch + offs_m[:, None] * socn + offs_d[None, :] * socd,
+                     mask=mask_md & state_ok[:, None], other=0.0)
         w_state = tl.where(m_state == float("-inf"), 0.0, tl.exp2(m_state - m_i))
         acc += w_state[:, None] * oc.to(tl.float32)
     out = acc / l_i[:, None]
@@ -260,7 +265,7 @@ def forward(q, k, v, q_prev, k_prev, tanh_gate, out_c, lse_c, scale, prev_scale,
     dp = head_dim_pad(d)
     args = (q, k, v, qp, kp, tg, oc, lc, invf, out, lse,
             *q.stride(), *k.stride(), *v.stride(), *qp.stride(), *kp.stride(), *oc.stride(), *lc.stride(),
-            *out.stride(), nq, nk, hq, hq // hkv, rope_grid[1] if has_rope else 1,
+            *tg.stride()[:2], *out.stride(), nq, nk, hq, hq // hkv, rope_grid[1] if has_rope else 1,
             scale * LOG2E, prev_scale * LOG2E)
     consts = dict(D=d, DP=dp, HAS_RES=has_res, HAS_STATE=has_state, ROPE=has_rope, DOT_PREC=dot_precision(q.dtype))
     launch(_fwd_kernel, _fwd_tuned, lambda meta: (triton.cdiv(nq, meta["BLOCK_M"]), b * hq), dp, args, consts)

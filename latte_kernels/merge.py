@@ -2,8 +2,9 @@
 
 With ``m = max(lse_a, lse_b)`` (0 where both are -inf), ``w_a = exp(lse_a - m) / (w_a + w_b)`` and the
 same for ``b``: ``lse = m + log(exp(lse_a - m) + exp(lse_b - m))``, ``out = w_a * out_a + w_b * out_b``.
--inf on one side gives weights exactly 0 and 1 (the other side unchanged); on both, weights 0, 0 and
-``lse = -inf``, never NaN. Accumulation is float32; ``out`` keeps ``out_a``'s dtype, ``lse`` is float32.
+-inf on one side gives weights exactly 0 and 1 (the other side unchanged) and that side's output is
+never read (it may hold NaN); on both, weights 0, 0 and ``lse = -inf``, never NaN. Accumulation is
+float32; ``out`` keeps ``out_a``'s dtype, ``lse`` is float32.
 
 Backward (``w_a + w_b = 1``, ``g``/``g_lse`` the cotangents of ``out``/``lse``):
 ``d out_a = w_a g``, ``d out_b = w_b g``, ``d lse_a = w_a (<g, out_a - out> + g_lse)``, and the same for
@@ -31,7 +32,8 @@ if HAS_TRITON:
 
     @triton.jit
     def _row_weights(LA, LB, b, h, n, row_ok, sla_b, sla_h, sla_n, slb_b, slb_h, slb_n):
-        """Per-row normalised weights (w_a, w_b) and the merged lse, float32."""
+        """Per-row normalised weights (w_a, w_b), the merged lse (float32) and whether each side is
+        non-empty (lse > -inf: an empty side's output is not read)."""
         la = tl.load(LA + b * sla_b + h * sla_h + n * sla_n, mask=row_ok, other=float("-inf")).to(tl.float32)
         lb = tl.load(LB + b * slb_b + h * slb_h + n * slb_n, mask=row_ok, other=float("-inf")).to(tl.float32)
         m = tl.maximum(la, lb)
@@ -41,7 +43,7 @@ if HAS_TRITON:
         total = wa + wb
         denom = tl.where(total == 0.0, 1.0, total)
         lse = tl.where(total == 0.0, float("-inf"), m + tl.log(denom))  # both sides empty: -inf
-        return wa / denom, wb / denom, lse
+        return wa / denom, wb / denom, lse, la != float("-inf"), lb != float("-inf")
 
     @triton.jit
     def _merge_fwd_kernel(
@@ -61,10 +63,12 @@ if HAS_TRITON:
         h = r % H
         n = (r // H) % N
         b = r // (H * N)
-        wa, wb, lse = _row_weights(LA, LB, b, h, n, row_ok, sla_b, sla_h, sla_n, slb_b, slb_h, slb_n)
+        wa, wb, lse, has_a, has_b = _row_weights(LA, LB, b, h, n, row_ok, sla_b, sla_h, sla_n, slb_b, slb_h, slb_n)
         mask = row_ok[:, None] & (d < D)[None, :]
-        oa = tl.load(OA + (b * soa_b + n * soa_n + h * soa_h)[:, None] + d[None, :] * soa_d, mask=mask, other=0.0)
-        ob = tl.load(OB + (b * sob_b + n * sob_n + h * sob_h)[:, None] + d[None, :] * sob_d, mask=mask, other=0.0)
+        oa = tl.load(OA + (b * soa_b + n * soa_n + h * soa_h)[:, None] + d[None, :] * soa_d,
+                     mask=mask & has_a[:, None], other=0.0)
+        ob = tl.load(OB + (b * sob_b + n * sob_n + h * sob_h)[:, None] + d[None, :] * sob_d,
+                     mask=mask & has_b[:, None], other=0.0)
         out = wa[:, None] * oa.to(tl.float32) + wb[:, None] * ob.to(tl.float32)
         tl.store(OUT + r[:, None] * D + d[None, :], out.to(OUT.dtype.element_ty), mask=mask)
         tl.store(LSE + (b * H + h) * N + n, lse, mask=row_ok)
@@ -88,12 +92,14 @@ if HAS_TRITON:
         h = r % H
         n = (r // H) % N
         b = r // (H * N)
-        wa, wb, _ = _row_weights(LA, LB, b, h, n, row_ok, sla_b, sla_h, sla_n, slb_b, slb_h, slb_n)
+        wa, wb, _, has_a, has_b = _row_weights(LA, LB, b, h, n, row_ok, sla_b, sla_h, sla_n, slb_b, slb_h, slb_n)
         mask = row_ok[:, None] & (d < D)[None, :]
         g = tl.load(G + (b * sg_b + n * sg_n + h * sg_h)[:, None] + d[None, :] * sg_d, mask=mask, other=0.0).to(tl.float32)
         gl = tl.load(GL + b * sgl_b + h * sgl_h + n * sgl_n, mask=row_ok, other=0.0).to(tl.float32)
-        oa = tl.load(OA + (b * soa_b + n * soa_n + h * soa_h)[:, None] + d[None, :] * soa_d, mask=mask, other=0.0).to(tl.float32)
-        ob = tl.load(OB + (b * sob_b + n * sob_n + h * sob_h)[:, None] + d[None, :] * sob_d, mask=mask, other=0.0).to(tl.float32)
+        oa = tl.load(OA + (b * soa_b + n * soa_n + h * soa_h)[:, None] + d[None, :] * soa_d,
+                     mask=mask & has_a[:, None], other=0.0).to(tl.float32)
+        ob = tl.load(OB + (b * sob_b + n * sob_n + h * sob_h)[:, None] + d[None, :] * sob_d,
+                     mask=mask & has_b[:, None], other=0.0).to(tl.float32)
         out = wa[:, None] * oa + wb[:, None] * ob
         dla = wa * (tl.sum(g * (oa - out), axis=1) + gl)
         dlb = wb * (tl.sum(g * (ob - out), axis=1) + gl)
@@ -180,7 +186,7 @@ def _merge_backward_torch(g, g_lse, out_a, lse_a, out_b, lse_b) -> Tuple[Tensor,
     denom = torch.where(total == 0, torch.ones_like(total), total)
     wa, wb = wa / denom, wb / denom  # (B, H, N)
     wa_, wb_ = wa.transpose(1, 2).unsqueeze(-1), wb.transpose(1, 2).unsqueeze(-1)  # (B, N, H, 1)
-    oa, ob, g = out_a.to(acc), out_b.to(acc), g.to(acc)
+    oa, ob, g = reference.zero_empty_rows(out_a, la, acc), reference.zero_empty_rows(out_b, lb, acc), g.to(acc)
     out = wa_ * oa + wb_ * ob
     d_la = wa * ((g * (oa - out)).sum(-1).transpose(1, 2) + g_lse.to(acc))
     d_lb = wb * ((g * (ob - out)).sum(-1).transpose(1, 2) + g_lse.to(acc))
