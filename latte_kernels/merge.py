@@ -11,9 +11,9 @@ Backward (``w_a + w_b = 1``, ``g``/``g_lse`` the cotangents of ``out``/``lse``):
 ``b``. It is finite for every input the forward accepts, rows with both sides empty included.
 
 Registered ops (namespace ``latte``): ``merge_attention_states(out_a, lse_a, out_b, lse_b) -> (out, lse)``
-with autograd, and its backward ``merge_attention_states_backward``. Both read any strides, write
-contiguous outputs, run Triton when ``_backend.triton_runs`` allows (float32 LSEs) and the same
-formulas in PyTorch otherwise (float64 for ``gradcheck``).
+with autograd, and its backward ``merge_attention_states_backward``. Both check their arguments
+(``_validate``), read any strides, write contiguous outputs, run Triton when ``_backend.triton_runs``
+allows (float32 LSEs) and the same formulas in PyTorch otherwise (float64 for ``gradcheck``).
 """
 from __future__ import annotations
 
@@ -160,6 +160,7 @@ def _launch_bwd(d_oa: Tensor, d_la: Tensor, d_ob: Tensor, d_lb: Tensor, grad_out
 
 @torch.library.custom_op("latte::merge_attention_states", mutates_args=())
 def _merge_op(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> Tuple[Tensor, Tensor]:
+    V.check_merge(out_a, lse_a, out_b, lse_b)
     if not _use_triton(out_a, lse_a):
         out, lse = reference._merge(out_a, lse_a, out_b, lse_b)
         return out.contiguous(), lse.contiguous()
@@ -172,6 +173,7 @@ def _merge_op(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> Tup
 
 @_merge_op.register_fake
 def _(out_a, lse_a, out_b, lse_b):
+    V.check_merge(out_a, lse_a, out_b, lse_b)
     return out_a.new_empty(out_a.shape), lse_a.new_empty(lse_a.shape, dtype=_lse_dtype(out_a, lse_a))
 
 
@@ -197,6 +199,7 @@ def _merge_backward_torch(g, g_lse, out_a, lse_a, out_b, lse_b) -> Tuple[Tensor,
 @torch.library.custom_op("latte::merge_attention_states_backward", mutates_args=())
 def _merge_backward_op(grad_out: Tensor, grad_lse: Tensor, out_a: Tensor, lse_a: Tensor, out_b: Tensor,
                        lse_b: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    V.check_merge_backward(grad_out, grad_lse, out_a, lse_a, out_b, lse_b)
     if not _use_triton(out_a, lse_a):
         return _merge_backward_torch(grad_out, grad_lse, out_a, lse_a, out_b, lse_b)
     b, n, h, _ = out_a.shape
@@ -210,6 +213,7 @@ def _merge_backward_op(grad_out: Tensor, grad_lse: Tensor, out_a: Tensor, lse_a:
 
 @_merge_backward_op.register_fake
 def _(grad_out, grad_lse, out_a, lse_a, out_b, lse_b):
+    V.check_merge_backward(grad_out, grad_lse, out_a, lse_a, out_b, lse_b)
     return (out_a.new_empty(out_a.shape), lse_a.new_empty(lse_a.shape), out_b.new_empty(out_b.shape),
             lse_b.new_empty(lse_b.shape))
 
@@ -235,7 +239,6 @@ def merge_attention_states(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: T
     """``(out, lse)`` of one softmax over the union of the key sets behind ``a`` and ``b``.
 
     ``out_*``: (B, N, H, D); ``lse_*``: (B, H, N) float32 natural-log. Returns ``out`` contiguous in
-    ``out_a``'s dtype and ``lse`` float32; differentiable in all four inputs.
+    ``out_a``'s dtype and ``lse`` float32; differentiable in all four inputs. The op checks the arguments.
     """
-    V.check_merge(out_a, lse_a, out_b, lse_b)
     return torch.ops.latte.merge_attention_states(out_a, lse_a, out_b, lse_b)

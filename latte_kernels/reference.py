@@ -83,6 +83,10 @@ def rope_2d(x: Tensor, grid_hw: Sequence[int], *, theta: float = 10000.0, positi
 def mrope(x: Tensor, positions: Tensor, *, mrope_section: Sequence[int] = (16, 24, 24), theta: float = 1000000.0) -> Tensor:
     """Qwen2-VL multimodal 3D RoPE of context tokens (SPEC 2.2)."""
     section, theta = V.check_mrope(x, positions, mrope_section, theta)
+    return _mrope(x, positions, section, theta)
+
+
+def _mrope(x: Tensor, positions: Tensor, section: Sequence[int], theta: float) -> Tensor:
     d = x.shape[-1]
     inv_freq = mrope_inv_freq(d, theta, x.device)  # (D/2,)
     axis = torch.repeat_interleave(torch.arange(3, device=x.device), torch.tensor(section, device=x.device))
@@ -202,7 +206,7 @@ def residual_attention(
     rope_theta: float = 10000.0,
 ) -> Tuple[Tensor, Tensor]:
     """Bidirectional attention with the tanh-gated previous-layer logits (SPEC 2.5)."""
-    scale, prev_scale, _, state, rope_grid, rope_theta = V.check_residual_attention(
+    scale, prev_scale, state, rope_grid, rope_theta = V.check_residual_attention(
         q, k, v, q_prev, k_prev, gate, scale, prev_scale, state, rope_grid, rope_theta
     )
     return _residual_attention(q, k, v, q_prev, k_prev, gate, scale, prev_scale, state, rope_grid, rope_theta)

@@ -262,3 +262,22 @@ def test_neg_inf_side_holding_nan_contributes_nothing(path):
     want = _grads(fn, clean, g, g_lse)
     for name, got, w in zip(("out_a", "lse_a", "out_b", "lse_b"), (t.grad for t in leaves), want):
         torch.testing.assert_close(got, w, atol=0, rtol=0, msg=lambda m: f"d{name}: {m}")
+
+
+@pytest.mark.parametrize("d", [3, 12, 264, 1000])
+def test_head_dim_outside_the_spec_is_refused(d):
+    out_a, lse_a, out_b, lse_b = states(1, 5, 2, d)
+    with pytest.raises(ValueError, match="out_a head_dim must be a multiple of 8"):
+        lk.merge_attention_states(out_a, lse_a, out_b, lse_b)
+    with pytest.raises(ValueError, match="out_a head_dim must be a multiple of 8"):
+        ref.merge_attention_states(out_a, lse_a, out_b, lse_b)
+
+
+@pytest.mark.parametrize("shape", [(0, 5, 2, 16), (1, 0, 2, 16), (1, 5, 0, 16)])
+def test_empty_tensors_are_refused(shape):
+    b, n, h, _ = shape
+    out_a, out_b = torch.randn(shape), torch.randn(shape)
+    lse_a, lse_b = torch.randn(b, h, n), torch.randn(b, h, n)
+    for fn in (lk.merge_attention_states, ref.merge_attention_states):
+        with pytest.raises(ValueError, match="out_a must be non-empty"):
+            fn(out_a, lse_a, out_b, lse_b)
