@@ -230,8 +230,8 @@ _dq_tuned = _tuned(_dq_kernel, DQ_CONFIGS, key=["Nq", "Nk", "D", "HAS_RES"])
 
 def backward(dout, dlse, q, k, v, q_prev, k_prev, gate, tanh_gate, out_c, lse_c, out, lse,
              scale, prev_scale, rope_grid, rope_theta):
-    """Launches the three backward kernels; returns (dq, dk, dv, dq_prev, dk_prev, dgate, dout_c, dlse_c),
-    with ``None`` for the inputs that were not given."""
+    """Launches the three backward kernels (under the caller's device guard); returns (dq, dk, dv,
+    dq_prev, dk_prev, dgate, dout_c, dlse_c), with ``None`` for the inputs that were not given."""
     b, nq, hq, d = q.shape
     nk, hkv = k.shape[1], k.shape[2]
     has_res = q_prev is not None

@@ -235,14 +235,15 @@ def rope(x, grid, theta, *, inverse=False, dtype=None):
     for gradients), rounded to ``dtype`` (default: x's). Same rotation code as the attention kernel."""
     b, n, h, d = x.shape
     y = empty(x.shape, dtype or x.dtype, x.device)
-    _rope_kernel[(triton.cdiv(n, ROPE_BLOCK), b * h)](
+    _rope_kernel[(triton.cdiv(n, ROPE_BLOCK), b * h)](  # under the caller's device guard
         x, y, inv_freq_table(d, theta, x.device), *x.stride(), n, h, grid[1],
         D=d, DP=head_dim_pad(d), BLOCK=ROPE_BLOCK, INVERSE=inverse)
     return y
 
 
 def forward(q, k, v, q_prev, k_prev, tanh_gate, out_c, lse_c, scale, prev_scale, rope_grid, rope_theta, lse_dtype):
-    """Launches the forward kernel; returns ``(out, lse)``. ``tanh_gate``: float32 (B, Hq) or None.
+    """Launches the forward kernel (under the caller's device guard); returns ``(out, lse)``.
+    ``tanh_gate``: float32 (B, Hq), any strides, or None.
     ``rope_grid``: queries rotated in the kernel, keys just before it (see below)."""
     b, nq, hq, d = q.shape
     nk, hkv = k.shape[1], k.shape[2]

@@ -22,8 +22,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from . import _backend, reference
 from . import _validate as V
-from . import reference
 from ._backend import HAS_TRITON, triton_runs
 
 if HAS_TRITON:
@@ -132,12 +132,13 @@ def _launch_fwd(out: Tensor, lse: Tensor, out_a: Tensor, lse_a: Tensor, out_b: T
     b, n, h, d = out_a.shape
     block_r, block_d = _blocks(d)
     rows = b * n * h
-    _merge_fwd_kernel[(triton.cdiv(rows, block_r),)](
-        out_a, lse_a, out_b, lse_b, out, lse,
-        rows, n, h, d,
-        *out_a.stride(), *out_b.stride(), *lse_a.stride(), *lse_b.stride(),
-        BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4,
-    )
+    with _backend.device_guard(out_a):
+        _merge_fwd_kernel[(triton.cdiv(rows, block_r),)](
+            out_a, lse_a, out_b, lse_b, out, lse,
+            rows, n, h, d,
+            *out_a.stride(), *out_b.stride(), *lse_a.stride(), *lse_b.stride(),
+            BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4,
+        )
 
 
 def _launch_bwd(d_oa: Tensor, d_la: Tensor, d_ob: Tensor, d_lb: Tensor, grad_out: Tensor, grad_lse: Tensor,
@@ -146,12 +147,13 @@ def _launch_bwd(d_oa: Tensor, d_la: Tensor, d_ob: Tensor, d_lb: Tensor, grad_out
     b, n, h, d = out_a.shape
     block_r, block_d = _blocks(d)
     rows = b * n * h
-    _merge_bwd_kernel[(triton.cdiv(rows, block_r),)](
-        grad_out, grad_lse, out_a, lse_a, out_b, lse_b, d_oa, d_la, d_ob, d_lb,
-        rows, n, h, d,
-        *grad_out.stride(), *grad_lse.stride(), *out_a.stride(), *out_b.stride(), *lse_a.stride(), *lse_b.stride(),
-        BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4,
-    )
+    with _backend.device_guard(out_a):
+        _merge_bwd_kernel[(triton.cdiv(rows, block_r),)](
+            grad_out, grad_lse, out_a, lse_a, out_b, lse_b, d_oa, d_la, d_ob, d_lb,
+            rows, n, h, d,
+            *grad_out.stride(), *grad_lse.stride(), *out_a.stride(), *out_b.stride(), *lse_a.stride(), *lse_b.stride(),
+            BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4,
+        )
 
 
 # --------------------------------------------------------------------------------------------------

@@ -6,9 +6,10 @@ gradient is the registered op ``latte::residual_attention_backward`` (so both tr
 ``_backend.triton_runs`` says so, and elsewhere (float64, CPU without the interpreter, other devices)
 the plain-PyTorch reference with the dense gradient of ``_residual_attention_dense``.
 
-Both ops are CUDA-graph safe: no host reads of device values, allocation sizes depend on shapes only,
-launches go to the current stream. (Autotuning runs on the first call of a new shape: warm up before
-capturing, as with any autotuned Triton kernel.)
+Both ops check their own arguments (``_validate``; shapes, dtypes and devices only) in their real and
+fake implementations, and are CUDA-graph safe: no host reads of device values, allocation sizes
+depend on shapes only, launches go to the current stream of the inputs' device. (Autotuning runs on
+the first call of a new shape: warm up before capturing, as with any autotuned Triton kernel.)
 """
 from __future__ import annotations
 
@@ -58,9 +59,10 @@ def _residual_attention_op(
         return out.contiguous(), lse.contiguous()
     from . import _residual_attention_fwd as fwd
 
-    tanh_gate = None if gate is None else torch.tanh(gate.float())
-    return fwd.forward(q, k, v, q_prev, k_prev, tanh_gate, out_c, lse_c, scale, prev_scale, grid, rope_theta,
-                       _lse_dtype(q, lse_c))
+    tanh_gate = None if gate is None else torch.tanh(gate.float())  # keeps gate's strides: passed on
+    with _backend.device_guard(q):
+        return fwd.forward(q, k, v, q_prev, k_prev, tanh_gate, out_c, lse_c, scale, prev_scale, grid, rope_theta,
+                           _lse_dtype(q, lse_c))
 
 
 @_residual_attention_op.register_fake
@@ -88,8 +90,9 @@ def _residual_attention_backward_op(
         from . import _residual_attention_bwd as bwd
 
         tanh_gate = None if gate is None else torch.tanh(gate.float())
-        grads = bwd.backward(dout, dlse, q, k, v, q_prev, k_prev, gate, tanh_gate, out_c, lse_c, out, lse,
-                             scale, prev_scale, grid, rope_theta)
+        with _backend.device_guard(q):
+            grads = bwd.backward(dout, dlse, q, k, v, q_prev, k_prev, gate, tanh_gate, out_c, lse_c, out, lse,
+                                 scale, prev_scale, grid, rope_theta)
     else:
         grads = dense_backward(dout, dlse, q, k, v, q_prev, k_prev, gate, out_c, lse_c, out, lse, scale, prev_scale, grid, rope_theta)
     return tuple(q.new_empty(_EMPTY) if g is None else g for g in grads)

@@ -20,9 +20,12 @@ Registered ops (namespace ``latte``):
 - ``rope_2d_(x!, positions?, gw, theta)`` and ``mrope_(x!, ...)``: rotate ``x`` in place (the public
   functions' ``inplace=True``); not differentiable.
 
-Inputs may have any strides (the kernel reads through them; nothing is copied). Every op runs the
-Triton kernel when ``_backend.triton_runs(x)`` and the reference math otherwise (float64, CPU without
-the interpreter, CPU bfloat16). No op reads device values on the host, so all are CUDA-graph safe.
+Every op checks its own arguments (``_validate``: shapes, dtypes, devices; ``gw`` must divide N when
+positions come from the grid; an in-place ``x`` must not overlap itself). Inputs may have any strides
+(the kernel reads through them; nothing is copied). Every op runs the Triton kernel when
+``_backend.triton_runs(x)`` (on x's device, under its device guard) and the reference math otherwise
+(float64, CPU without the interpreter, CPU bfloat16). No op reads device values on the host, so all
+are CUDA-graph safe.
 """
 from __future__ import annotations
 
@@ -31,8 +34,8 @@ from typing import List, Optional, Sequence
 import torch
 from torch import Tensor
 
+from . import _backend, reference
 from . import _validate as V
-from . import reference
 from ._backend import HAS_TRITON, triton_runs
 
 if HAS_TRITON:
@@ -109,19 +112,20 @@ def _launch(out: Tensor, x: Tensor, positions: Optional[Tensor], inv_freq: Tenso
     from_grid = positions is None
     pos = inv_freq if from_grid else positions  # never read when from_grid
     ps = (0, 0, 0) if from_grid else positions.stride()
-    _rope_kernel[grid](
-        x, out, pos, inv_freq,
-        n, h, max(gw, 1), bound1, bound2, freq_mod,
-        *x.stride(), *out.stride(), *ps,
-        SIN_SIGN=-1.0 if inverse else 1.0,
-        FROM_GRID=from_grid,
-        NUM_AXES=num_axes,
-        HALF=half,
-        HALF_P=half_p,
-        BLOCK_N=block_n,
-        HEADS_PER_PROG=heads_per_prog,
-        num_warps=4,
-    )
+    with _backend.device_guard(x):
+        _rope_kernel[grid](
+            x, out, pos, inv_freq,
+            n, h, max(gw, 1), bound1, bound2, freq_mod,
+            *x.stride(), *out.stride(), *ps,
+            SIN_SIGN=-1.0 if inverse else 1.0,
+            FROM_GRID=from_grid,
+            NUM_AXES=num_axes,
+            HALF=half,
+            HALF_P=half_p,
+            BLOCK_N=block_n,
+            HEADS_PER_PROG=heads_per_prog,
+            num_warps=4,
+        )
 
 
 # --------------------------------------------------------------------------------------------------
