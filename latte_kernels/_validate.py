@@ -370,7 +370,7 @@ def check_residual_attention_backward(dout, dlse, q, k, v, q_prev, k_prev, gate,
 def residual_attention_args(q, scale, prev_scale, state, rope_grid, rope_theta):
     """What the public ``residual_attention`` resolves before its op checks the tensors:
     ``(scale, prev_scale, out_c, lse_c, rope_grid, rope_theta)``."""
-    check_tensor("q", q, ndim=4)
+    check_bshd("q", q)  # the default scale needs a valid head_dim
     scale = check_scale("scale", scale, q.shape[-1])
     prev_scale = scale if prev_scale is None else check_scale("prev_scale", prev_scale, q.shape[-1])
     out_c, lse_c = unpack_state(state)

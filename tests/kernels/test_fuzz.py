@@ -339,7 +339,7 @@ def _break(t: torch.Tensor, rng: random.Random):
     if how == "empty" and t.dim():
         return how, t.narrow(0, 0, 0)
     if how == "head_dim" and t.dim() == 4:
-        return how, t[..., :rng.choice([3, 12])]
+        return how, t[..., :rng.choice([0, 3, 12])]
     if how == "meta":
         return how, t.to("meta")
     return "rank+", t[None]

@@ -110,6 +110,7 @@ def cases(device):
         ("res gqa", ops.residual_attention, _res(a, q=q[:, :, :3], q_prev=q[:, :, :3], out_c=q[:, :, :3],
                                                  lse_c=lse[:, :3], gate=a["gate"][:, :3]), ValueError, "Hq % Hkv"),
         ("res v dtype", ops.residual_attention, _res(a, v=a["v"].half()), TypeError, "v"),
+        ("res head_dim 0", ops.residual_attention, _res(a, q=q[..., :0]), ValueError, "q must be non-empty"),
         # residual_attention_backward
         ("res_bwd dout", ops.residual_attention_backward, _res_bwd(a, dout=q[:, :5]), ValueError, "dout"),
         ("res_bwd dlse", ops.residual_attention_backward, _res_bwd(a, dlse=a["lse1"]), ValueError, "dlse"),
