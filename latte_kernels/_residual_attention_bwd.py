@@ -7,7 +7,7 @@ row term ``D_i = rowsum(dO * O) - dLSE_i``; the state's are ``w_c = exp(lse_c - 
 ``dq = scale dS k``, ``dq_prev = tanh(g) prev_scale dS k_prev``, ``dk = scale dS^T q``,
 ``dk_prev = prev_scale sum_h tanh(g_h) dS_h^T q_prev`` and
 ``dgate = (1 - tanh(g)^2) prev_scale sum_ij dS_ij <q_prev_i, k_prev_j>``. An empty state row
-(``lse_c = -inf``, ``w_c = 0``) reads no ``out_c`` (it may hold NaN) and gets zero gradients.
+(``lse_c = -inf``, ``w_c = 0``) discards its ``out_c`` (it may hold NaN) and gets zero gradients.
 
 Three kernels, no atomics (deterministic): a row pass (``D_i`` and the state's gradients), a
 key-major pass (one program per key tile of one kv head, looping over the query heads of its GQA
@@ -59,9 +59,9 @@ def _rows_kernel(
         state_ok = lc != float("-inf")
         w = tl.where(state_ok, tl.exp(lc - lse), 0.0)
         oc = tl.load(OC + b * socb + h * soch + offs_m[:, None] * socn + offs_d[None, :] * socd,
-                     mask=mask_md & state_ok[:, None], other=0.0).to(tl.float32)
+                     mask=mask_md, other=0.0).to(tl.float32)
         doc = w[:, None] * do
-        dlc = w * (tl.sum(do * oc, 1) - delta)
+        dlc = tl.where(state_ok, w * (tl.sum(do * oc, 1) - delta), 0.0)
         # DOC is a fresh contiguous (B, Nq, Hq, D) buffer
         tl.store(DOC + ((b * Nq + offs_m[:, None]) * Hq + h) * D + offs_d[None, :], doc.to(DOC.dtype.element_ty), mask=mask_md)
         tl.store(DLC + row, dlc.to(DLC.dtype.element_ty), mask=mask_m)

@@ -5,7 +5,7 @@ One program owns ``BLOCK_M`` query rows of one query head and streams the keys o
 registers (online softmax, base-2: ``log2(e)`` is folded into the logit scales). The residual logits
 are a second ``tl.dot`` per key tile, so no ``Nq x Nk`` tensor ever exists. A given state
 ``(out_c, lse_c)`` is the starting point of the online softmax: ``m = lse_c``, ``l = 1`` (an empty
-state, ``lse_c = -inf``, starts from ``m = -inf``, ``l = 0`` and its ``out_c`` row is never read, so it
+state, ``lse_c = -inf``, starts from ``m = -inf``, ``l = 0`` and its ``out_c`` row is discarded, so it
 may hold NaN); ``out_c`` joins the accumulator in the epilogue with the weight ``exp(lse_c - m_final)``
 it would have had from the start. Every tensor, the small ones (gate, lse_c) included, is read
 through its strides.
@@ -150,11 +150,12 @@ def _fwd_kernel(
         m_i = m_new
 
     if HAS_STATE:
-        state_ok = m_state != float("-inf")  # an empty state's out_c is not read
-        oc = tl.load(OC + b64 * socb + h * soch + offs_m[:, None] * socn + offs_d[None, :] * socd,
-                     mask=mask_md & state_ok[:, None], other=0.0)
-        w_state = tl.where(m_state == float("-inf"), 0.0, tl.exp2(m_state - m_i))
-        acc += w_state[:, None] * oc.to(tl.float32)
+        oc = tl.load(OC + b64 * socb + h * soch + offs_m[:, None] * socn + offs_d[None, :] * socd, mask=mask_md, other=0.0)
+        empty = m_state == float("-inf")
+        w_state = tl.where(empty, 0.0, tl.exp2(m_state - m_i))
+        # an empty state's out_c may hold NaN: select, not multiply by 0 (a select spills less than a
+        # state-masked load in offline sm_90 compiles at D=64, 128x128 tiles: 76 vs 896 B)
+        acc += tl.where(empty[:, None], 0.0, w_state[:, None] * oc.to(tl.float32))
     out = acc / l_i[:, None]
     lse = (m_i + tl.log2(l_i)) * LN2_C
     tl.store(O + b64 * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod, out.to(O.dtype.element_ty), mask=mask_md)
