@@ -387,6 +387,9 @@ def test_gpu_memory_is_linear_in_n():
 # An empty state (lse_c = -inf) contributes nothing, even where out_c holds NaN (SPEC 2.3, 2.5)
 
 
+# the kernels form w * out_c of an empty row (inf * 0 here) and discard it with a select: numpy, under
+# the interpreter, warns about the discarded value
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 @pytest.mark.parametrize("path", ["kernel", "torch-path", "reference"])
 @pytest.mark.parametrize("rope", [False, True])
 def test_empty_state_holding_nan_contributes_nothing(path, rope):
