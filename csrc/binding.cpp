@@ -6,6 +6,7 @@
 // direct calls of torch.ops.latte_ext.* from reaching a kernel with a malformed input.
 #include <Python.h>
 
+#include <cmath>
 #include <tuple>
 
 #include <ATen/ATen.h>
@@ -31,7 +32,8 @@ void check_bshd(const char* name, const at::Tensor& t) {
 }
 
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                  const c10::optional<at::Tensor>& ctx_lens) {
+                  const c10::optional<at::Tensor>& ctx_lens, double scale) {
+  TORCH_CHECK_VALUE(std::isfinite(scale), "scale must be finite, got ", scale);
   check_bshd("q", q);
   check_bshd("k_ctx", k);
   check_bshd("v_ctx", v);
@@ -57,21 +59,29 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   }
 }
 
+// The forward's outputs and their cotangents: floating point (converted to q's dtype, the LSEs to
+// float32/float64, inside), q's device, out/grad_out shaped like q, lse/grad_lse (B, Hq, Nq).
 void check_backward(const at::Tensor& grad_out, const at::Tensor& grad_lse, const at::Tensor& q,
                     const at::Tensor& out, const at::Tensor& lse) {
-  TORCH_CHECK_VALUE(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(),
-                    "grad_out and out must have the shape of q ", q.sizes());
   const std::vector<int64_t> lse_shape{q.size(0), q.size(2), q.size(1)};
-  TORCH_CHECK_VALUE(lse.sizes() == lse_shape && grad_lse.sizes() == lse_shape,
-                    "lse and grad_lse must have shape (B, Hq, Nq) = ", at::IntArrayRef(lse_shape));
-  for (const at::Tensor* t : {&grad_out, &grad_lse, &out, &lse}) {
-    TORCH_CHECK_VALUE(t->device() == q.device(), "grad_out, grad_lse, out and lse must be on q's device ", q.device());
+  const std::pair<const char*, const at::Tensor*> args[] = {
+      {"grad_out", &grad_out}, {"grad_lse", &grad_lse}, {"out", &out}, {"lse", &lse}};
+  for (const auto& [name, t] : args) {
+    const bool is_lse = t == &grad_lse || t == &lse;
+    TORCH_CHECK_TYPE(at::isFloatingType(t->scalar_type()), name, " must be floating point, got ", t->scalar_type());
+    if (is_lse) {
+      TORCH_CHECK_VALUE(t->sizes() == at::IntArrayRef(lse_shape), name, " must have shape (B, Hq, Nq) = ",
+                        at::IntArrayRef(lse_shape), ", got ", t->sizes());
+    } else {
+      TORCH_CHECK_VALUE(t->sizes() == q.sizes(), name, " must have the shape of q ", q.sizes(), ", got ", t->sizes());
+    }
+    TORCH_CHECK_VALUE(t->device() == q.device(), name, " is on ", t->device(), " but q is on ", q.device());
   }
 }
 
 std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                            const c10::optional<at::Tensor>& ctx_lens, double scale) {
-  check_inputs(q, k, v, ctx_lens);
+  check_inputs(q, k, v, ctx_lens, scale);
   return context_attention_cpu_fwd(q, k, v, ctx_lens, scale);
 }
 
@@ -79,7 +89,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(const at::Tensor& grad_ou
                                                        const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                        const c10::optional<at::Tensor>& ctx_lens,
                                                        const at::Tensor& out, const at::Tensor& lse, double scale) {
-  check_inputs(q, k, v, ctx_lens);
+  check_inputs(q, k, v, ctx_lens, scale);
   check_backward(grad_out, grad_lse, q, out, lse);
   return context_attention_cpu_bwd(grad_out, grad_lse, q, k, v, ctx_lens, out, lse, scale);
 }
@@ -113,7 +123,7 @@ void set_lens(P& p, const c10::optional<at::Tensor>& ctx_lens, at::Tensor& keep)
 
 std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                                             const c10::optional<at::Tensor>& ctx_lens, double scale) {
-  check_inputs(q_in, k_in, v_in, ctx_lens);
+  check_inputs(q_in, k_in, v_in, ctx_lens, scale);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in), v = last_dim_contiguous(v_in);
   at::Tensor out = at::empty(q.sizes(), q.options());
@@ -139,7 +149,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(const at::Tensor& grad_o
                                                         const c10::optional<at::Tensor>& ctx_lens,
                                                         const at::Tensor& out_in, const at::Tensor& lse_in,
                                                         double scale) {
-  check_inputs(q_in, k_in, v_in, ctx_lens);
+  check_inputs(q_in, k_in, v_in, ctx_lens, scale);
   check_backward(grad_out, grad_lse, q_in, out_in, lse_in);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in), v = last_dim_contiguous(v_in);

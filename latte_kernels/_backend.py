@@ -8,9 +8,13 @@
   float64, so ``gradcheck`` goes through the C++ kernel) and on CUDA for float16, bfloat16 and
   float32 (CUDA float64 takes the reference); ``_ext.py`` builds or loads it.
 - Everything else takes the plain-PyTorch reference.
+
+Triton launches on the current CUDA device, so every launch runs inside ``device_guard`` of its
+tensors: tensors on ``cuda:1`` launch there even while ``cuda:0`` is current.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 
@@ -37,3 +41,11 @@ def extension_runs(t: torch.Tensor) -> bool:
     if t.device.type == "cpu":
         return True
     return t.device.type == "cuda" and t.dtype in _CUDA_EXT_DTYPES
+
+
+def device_guard(t: torch.Tensor):
+    """The context a Triton launch on ``t``'s tensors runs in: ``t``'s CUDA device made current (a
+    host-side switch, safe under CUDA-graph capture), nothing for CPU tensors (the interpreter)."""
+    if t.device.type == "cuda":
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()

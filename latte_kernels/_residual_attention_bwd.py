@@ -6,14 +6,16 @@ row term ``D_i = rowsum(dO * O) - dLSE_i``; the state's are ``w_c = exp(lse_c - 
 ``d out_c = w_c dO`` and ``d lse_c = w_c (rowsum(dO * out_c) - D_i)``. Then
 ``dq = scale dS k``, ``dq_prev = tanh(g) prev_scale dS k_prev``, ``dk = scale dS^T q``,
 ``dk_prev = prev_scale sum_h tanh(g_h) dS_h^T q_prev`` and
-``dgate = (1 - tanh(g)^2) prev_scale sum_ij dS_ij <q_prev_i, k_prev_j>``.
+``dgate = (1 - tanh(g)^2) prev_scale sum_ij dS_ij <q_prev_i, k_prev_j>``. An empty state row
+(``lse_c = -inf``, ``w_c = 0``) discards its ``out_c`` (it may hold NaN) and gets zero gradients.
 
 Three kernels, no atomics (deterministic): a row pass (``D_i`` and the state's gradients), a
 key-major pass (one program per key tile of one kv head, looping over the query heads of its GQA
 group and all query tiles: dk, dv, dk_prev in registers) and a query-major pass (dq, dq_prev and the
 per-row gate sums, reduced over rows afterwards). Both recompute ``P`` from ``lse``; nothing of size
 ``Nq x Nk`` is stored. With ``rope_grid`` the inputs are rotated once (O(N), the forward's rotation
-kernel) before these kernels and the float32 gradients rotated back after them.
+kernel) before these kernels and the float32 gradients rotated back after them. Every input is read
+through its strides (``lse`` and ``tanh(gate)`` included: the op is public, its caller may pass views).
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ def _rows_kernel(
     socb, socn, soch, socd,
     slcb, slch, slcn,
     sdlb, sdlh, sdln,
+    slb, slh, sln,
     Nq, Hq,
     D: tl.constexpr, DP: tl.constexpr, BLOCK_M: tl.constexpr, HAS_STATE: tl.constexpr,
 ):
@@ -51,12 +54,14 @@ def _rows_kernel(
     row = (b * Hq + h) * Nq + offs_m
     tl.store(DELTA + row, delta, mask=mask_m)
     if HAS_STATE:
-        lse = tl.load(LSE + row, mask=mask_m, other=0.0).to(tl.float32)
+        lse = tl.load(LSE + b * slb + h * slh + offs_m * sln, mask=mask_m, other=0.0).to(tl.float32)
         lc = tl.load(LC + b * slcb + h * slch + offs_m * slcn, mask=mask_m, other=float("-inf")).to(tl.float32)
-        w = tl.where(lc == float("-inf"), 0.0, tl.exp(lc - lse))
-        oc = tl.load(OC + b * socb + h * soch + offs_m[:, None] * socn + offs_d[None, :] * socd, mask=mask_md, other=0.0).to(tl.float32)
+        state_ok = lc != float("-inf")
+        w = tl.where(state_ok, tl.exp(lc - lse), 0.0)
+        oc = tl.load(OC + b * socb + h * soch + offs_m[:, None] * socn + offs_d[None, :] * socd,
+                     mask=mask_md, other=0.0).to(tl.float32)
         doc = w[:, None] * do
-        dlc = w * (tl.sum(do * oc, 1) - delta)
+        dlc = tl.where(state_ok, w * (tl.sum(do * oc, 1) - delta), 0.0)
         # DOC is a fresh contiguous (B, Nq, Hq, D) buffer
         tl.store(DOC + ((b * Nq + offs_m[:, None]) * Hq + h) * D + offs_d[None, :], doc.to(DOC.dtype.element_ty), mask=mask_md)
         tl.store(DLC + row, dlc.to(DLC.dtype.element_ty), mask=mask_m)
@@ -71,6 +76,8 @@ def _dkdv_kernel(
     sqpb, sqpn, sqph, sqpd,
     skpb, skpn, skph, skpd,
     sdob, sdon, sdoh, sdod,
+    slb, slh, sln,
+    stgb, stgh,
     Nq, Nk, Hq, Hkv, GROUP,
     c_qk, scale, prev_scale,
     D: tl.constexpr, DP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -97,7 +104,7 @@ def _dkdv_kernel(
     for g in range(0, GROUP):
         h = hk * GROUP + g
         if HAS_RES:
-            tg = tl.load(TG + b * Hq + h).to(tl.float32)
+            tg = tl.load(TG + b * stgb + h * stgh).to(tl.float32)
             c_res = tg * prev_scale * LOG2E_C
         for start_m in range(0, Nq, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -105,7 +112,7 @@ def _dkdv_kernel(
             mask_md = mask_m[:, None] & mask_d[None, :]
             q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask=mask_md, other=0.0)
             row = (b * Hq + h) * Nq + offs_m
-            lse2 = tl.load(LSE + row, mask=mask_m, other=0.0).to(tl.float32) * LOG2E_C
+            lse2 = tl.load(LSE + b * slb + h * slh + offs_m * sln, mask=mask_m, other=0.0).to(tl.float32) * LOG2E_C
             delta = tl.load(DELTA + row, mask=mask_m, other=0.0)
             # transposed logits: (BLOCK_N, BLOCK_M)
             st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * c_qk
@@ -138,6 +145,8 @@ def _dq_kernel(
     sqpb, sqpn, sqph, sqpd,
     skpb, skpn, skph, skpd,
     sdob, sdon, sdoh, sdod,
+    slb, slh, sln,
+    stgb, stgh,
     Nq, Nk, Hq, GROUP,
     c_qk, scale, prev_scale,
     D: tl.constexpr, DP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -157,12 +166,12 @@ def _dq_kernel(
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask=mask_md, other=0.0)
     do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdon + offs_d[None, :] * sdod, mask=mask_md, other=0.0)
     row = (b * Hq + h) * Nq + offs_m
-    lse2 = tl.load(LSE + row, mask=mask_m, other=0.0).to(tl.float32) * LOG2E_C
+    lse2 = tl.load(LSE + b * slb + h * slh + offs_m * sln, mask=mask_m, other=0.0).to(tl.float32) * LOG2E_C
     delta = tl.load(DELTA + row, mask=mask_m, other=0.0)
     dq = tl.zeros([BLOCK_M, DP], tl.float32)
     if HAS_RES:
         qp = tl.load(QP + b * sqpb + h * sqph + offs_m[:, None] * sqpn + offs_d[None, :] * sqpd, mask=mask_md, other=0.0)
-        tg = tl.load(TG + b * Hq + h).to(tl.float32)
+        tg = tl.load(TG + b * stgb + h * stgh).to(tl.float32)
         c_res = tg * prev_scale * LOG2E_C
         dqp = tl.zeros([BLOCK_M, DP], tl.float32)
         grow = tl.zeros([BLOCK_M], tl.float32)
@@ -221,8 +230,8 @@ _dq_tuned = _tuned(_dq_kernel, DQ_CONFIGS, key=["Nq", "Nk", "D", "HAS_RES"])
 
 def backward(dout, dlse, q, k, v, q_prev, k_prev, gate, tanh_gate, out_c, lse_c, out, lse,
              scale, prev_scale, rope_grid, rope_theta):
-    """Launches the three backward kernels; returns (dq, dk, dv, dq_prev, dk_prev, dgate, dout_c, dlse_c),
-    with ``None`` for the inputs that were not given."""
+    """Launches the three backward kernels (under the caller's device guard); returns (dq, dk, dv,
+    dq_prev, dk_prev, dgate, dout_c, dlse_c), with ``None`` for the inputs that were not given."""
     b, nq, hq, d = q.shape
     nk, hkv = k.shape[1], k.shape[2]
     has_res = q_prev is not None
@@ -236,7 +245,7 @@ def backward(dout, dlse, q, k, v, q_prev, k_prev, gate, tanh_gate, out_c, lse_c,
     dlse_c = _fwd.empty((b, hq, nq), lse_c.dtype, dev) if has_state else None
     oc, lc = (out_c, lse_c) if has_state else (q, lse)
     rows_args = (dout, out, lse, dlse, oc, lc, delta, dout_c if has_state else delta, dlse_c if has_state else delta,
-                 *dout.stride(), *out.stride(), *oc.stride(), *lc.stride(), *dlse.stride(), nq, hq)
+                 *dout.stride(), *out.stride(), *oc.stride(), *lc.stride(), *dlse.stride(), *lse.stride(), nq, hq)
     _rows_kernel[(triton.cdiv(nq, ROWS_BLOCK_M), b * hq)](
         *rows_args, D=d, DP=dp, BLOCK_M=ROWS_BLOCK_M, HAS_STATE=has_state)
 
@@ -253,7 +262,8 @@ def backward(dout, dlse, q, k, v, q_prev, k_prev, gate, tanh_gate, out_c, lse_c,
     dkp = _fwd.empty(dk.shape, dk.dtype, dev) if has_res else None
     grow = _fwd.empty((b, hq, nq), torch.float32, dev) if has_res else None
     qp, kp, tg = (q_prev, k_prev, tanh_gate) if has_res else (q, k, q)
-    strides = (*q.stride(), *k.stride(), *v.stride(), *qp.stride(), *kp.stride(), *dout.stride())
+    strides = (*q.stride(), *k.stride(), *v.stride(), *qp.stride(), *kp.stride(), *dout.stride(), *lse.stride(),
+               *tg.stride()[:2])
     consts = dict(D=d, DP=dp, HAS_RES=has_res, DOT_PREC=dot_prec)
     launch(_dkdv_kernel, _dkdv_tuned, lambda meta: (triton.cdiv(nk, meta["BLOCK_N"]), b * hkv), dp,
            (q, k, v, qp, kp, tg, dout, lse, delta, dk, dv, dkp if has_res else dk, *strides,
@@ -264,7 +274,7 @@ def backward(dout, dlse, q, k, v, q_prev, k_prev, gate, tanh_gate, out_c, lse_c,
 
     dgate = None
     if has_res:
-        dgate = ((1 - tanh_gate * tanh_gate) * prev_scale * grow.sum(-1)).to(gate.dtype)
+        dgate = ((1 - tanh_gate * tanh_gate) * prev_scale * grow.sum(-1)).to(gate.dtype).contiguous()
     if rope:
         unrotate = lambda g: _fwd.rope(g, rope_grid, rope_theta, inverse=True, dtype=out.dtype)  # noqa: E731
         dq, dk = unrotate(dq), unrotate(dk)

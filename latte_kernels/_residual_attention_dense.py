@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .reference import rope_2d_inv_freq
+from .reference import rope_2d_inv_freq, zero_empty_rows
 
 
 def rope_cos_sin(n: int, grid, d: int, theta: float, device):
@@ -80,12 +80,13 @@ def dense_backward(dout, dlse, q, k, v, q_prev, k_prev, gate, out_c, lse_c, out,
     if has_res:
         dqp = tg * prev_scale * ds @ kph
         dkp = _fold(tg * prev_scale * dsT @ qph, hkv)
-        dgate = ((1 - tg[:, :, 0, 0] ** 2) * prev_scale * (ds * prev).sum((-1, -2))).to(gate.dtype)
+        dgate = ((1 - tg[:, :, 0, 0] ** 2) * prev_scale * (ds * prev).sum((-1, -2))).to(gate.dtype).contiguous()
     if out_c is not None:
         lc = lse_c.to(acc)
         w = torch.where(torch.isneginf(lc), torch.zeros_like(lc), torch.exp(lc - lse_a))
         dout_c = (w[..., None] * do).transpose(1, 2).to(out_c.dtype)
-        dlse_c = (w * ((do * _heads(out_c, acc)).sum(-1) - delta)).to(lse_c.dtype)
+        oc = zero_empty_rows(out_c, lse_c, acc)  # an empty state's out_c may hold NaN: never read
+        dlse_c = (w * ((do * _heads(oc, acc)).sum(-1) - delta)).to(lse_c.dtype).contiguous()
     dq = dq.transpose(1, 2)
     dqp = None if dqp is None else dqp.transpose(1, 2)
     if rope_grid is not None:

@@ -5,8 +5,10 @@ One program owns ``BLOCK_M`` query rows of one query head and streams the keys o
 registers (online softmax, base-2: ``log2(e)`` is folded into the logit scales). The residual logits
 are a second ``tl.dot`` per key tile, so no ``Nq x Nk`` tensor ever exists. A given state
 ``(out_c, lse_c)`` is the starting point of the online softmax: ``m = lse_c``, ``l = 1`` (an empty
-state, ``lse_c = -inf``, starts from ``m = -inf``, ``l = 0``); ``out_c`` joins the accumulator in the
-epilogue with the weight ``exp(lse_c - m_final)`` it would have had from the start.
+state, ``lse_c = -inf``, starts from ``m = -inf``, ``l = 0`` and its ``out_c`` row is discarded, so it
+may hold NaN); ``out_c`` joins the accumulator in the epilogue with the weight ``exp(lse_c - m_final)``
+it would have had from the start. Every tensor, the small ones (gate, lse_c) included, is read
+through its strides.
 """
 from __future__ import annotations
 
@@ -80,6 +82,7 @@ def _fwd_kernel(
     skpb, skpn, skph, skpd,
     socb, socn, soch, socd,
     slcb, slch, slcn,
+    stgb, stgh,
     sob, son, soh, sod,
     Nq, Nk, Hq, GROUP, GW,
     c_qk, c_prev,
@@ -109,7 +112,7 @@ def _fwd_kernel(
         qp = tl.load(qp_base + offs_m[:, None] * sqpn + offs_d[None, :] * sqpd, mask=mask_md, other=0.0)
         if ROPE:
             qp = rope_tile(qp, qp_base, offs_m, offs_d, sqpn, sqpd, mask_md, INVF, GW, D)
-        c_res = tl.load(TG + b * Hq + h).to(tl.float32) * c_prev  # tanh(gate) * prev_scale * log2(e)
+        c_res = tl.load(TG + b64 * stgb + h * stgh).to(tl.float32) * c_prev  # tanh(gate) * prev_scale * log2(e)
 
     # The online softmax starts from the given state: its max is lse_c, its sum 1 (an empty state,
     # lse_c = -inf, contributes nothing). Its output joins in the epilogue, scaled like the
@@ -148,8 +151,11 @@ def _fwd_kernel(
 
     if HAS_STATE:
         oc = tl.load(OC + b64 * socb + h * soch + offs_m[:, None] * socn + offs_d[None, :] * socd, mask=mask_md, other=0.0)
-        w_state = tl.where(m_state == float("-inf"), 0.0, tl.exp2(m_state - m_i))
-        acc += w_state[:, None] * oc.to(tl.float32)
+        empty = m_state == float("-inf")
+        w_state = tl.where(empty, 0.0, tl.exp2(m_state - m_i))
+        # an empty state's out_c may hold NaN: select, not multiply by 0 (a select spills less than a
+        # state-masked load in offline sm_90 compiles at D=64, 128x128 tiles: 76 vs 896 B)
+        acc += tl.where(empty[:, None], 0.0, w_state[:, None] * oc.to(tl.float32))
     out = acc / l_i[:, None]
     lse = (m_i + tl.log2(l_i)) * LN2_C
     tl.store(O + b64 * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod, out.to(O.dtype.element_ty), mask=mask_md)
@@ -230,14 +236,15 @@ def rope(x, grid, theta, *, inverse=False, dtype=None):
     for gradients), rounded to ``dtype`` (default: x's). Same rotation code as the attention kernel."""
     b, n, h, d = x.shape
     y = empty(x.shape, dtype or x.dtype, x.device)
-    _rope_kernel[(triton.cdiv(n, ROPE_BLOCK), b * h)](
+    _rope_kernel[(triton.cdiv(n, ROPE_BLOCK), b * h)](  # under the caller's device guard
         x, y, inv_freq_table(d, theta, x.device), *x.stride(), n, h, grid[1],
         D=d, DP=head_dim_pad(d), BLOCK=ROPE_BLOCK, INVERSE=inverse)
     return y
 
 
 def forward(q, k, v, q_prev, k_prev, tanh_gate, out_c, lse_c, scale, prev_scale, rope_grid, rope_theta, lse_dtype):
-    """Launches the forward kernel; returns ``(out, lse)``. ``tanh_gate``: float32 (B, Hq) or None.
+    """Launches the forward kernel (under the caller's device guard); returns ``(out, lse)``.
+    ``tanh_gate``: float32 (B, Hq), any strides, or None.
     ``rope_grid``: queries rotated in the kernel, keys just before it (see below)."""
     b, nq, hq, d = q.shape
     nk, hkv = k.shape[1], k.shape[2]
@@ -260,7 +267,7 @@ def forward(q, k, v, q_prev, k_prev, tanh_gate, out_c, lse_c, scale, prev_scale,
     dp = head_dim_pad(d)
     args = (q, k, v, qp, kp, tg, oc, lc, invf, out, lse,
             *q.stride(), *k.stride(), *v.stride(), *qp.stride(), *kp.stride(), *oc.stride(), *lc.stride(),
-            *out.stride(), nq, nk, hq, hq // hkv, rope_grid[1] if has_rope else 1,
+            *tg.stride()[:2], *out.stride(), nq, nk, hq, hq // hkv, rope_grid[1] if has_rope else 1,
             scale * LOG2E, prev_scale * LOG2E)
     consts = dict(D=d, DP=dp, HAS_RES=has_res, HAS_STATE=has_state, ROPE=has_rope, DOT_PREC=dot_precision(q.dtype))
     launch(_fwd_kernel, _fwd_tuned, lambda meta: (triton.cdiv(nq, meta["BLOCK_M"]), b * hq), dp, args, consts)

@@ -1,8 +1,15 @@
-"""Argument checks shared by the references and the kernel launchers.
+"""Argument checks shared by the references, the public functions and the registered ops.
 
-Every public op validates through here, so a malformed call fails the same way whichever backend
-would have run it: a ``TypeError`` for a wrong type or dtype, a ``ValueError`` for a wrong shape,
-device or value, each naming the argument and what was expected.
+Every op validates through here, so a malformed call fails the same way whichever backend would have
+run it: a ``TypeError`` for a wrong type or dtype, a ``ValueError`` for a wrong shape, device or value,
+each naming the argument and what was expected.
+
+Each registered op (``torch.ops.latte.*``, backward ops included) checks its own arguments with a
+``check_<op>_op`` function, in its real and its fake implementation, so a direct call can never reach a
+kernel with a malformed tensor. The public functions check only what their op cannot see (defaults,
+the ``state`` pair, the grid against the token count, ``ctx_lens`` values) with ``<op>_args`` and
+leave the tensors to the op: each tensor is checked once per call. The references (not ops) check
+everything through ``check_<op>``, which is the two together.
 
 Checks never read device memory, except ``check_ctx_lens_values`` which the public ops call only
 outside CUDA-graph capture and ``torch.compile`` tracing (see its docstring).
@@ -28,6 +35,10 @@ def check_tensor(name: str, t, *, ndim: int, dtypes=FLOAT_DTYPES) -> Tensor:
         allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
         raise TypeError(f"{name} must have dtype in ({allowed}), got {t.dtype}")
     return t
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, (int, torch.SymInt)) and not isinstance(v, bool)
 
 
 def check_device(name: str, t: Tensor, ref_name: str, ref: Tensor) -> None:
@@ -87,7 +98,7 @@ def check_grid(name: str, grid_hw, n: Optional[int] = None, n_name: str = "x") -
         raise TypeError(f"{name} must be a (gh, gw) pair of ints, got {grid_hw!r}")
     gh, gw = grid_hw
     for v in (gh, gw):
-        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        if not _is_int(v) or v <= 0:
             raise ValueError(f"{name} must hold two positive ints, got {grid_hw!r}")
     if n is not None and n != gh * gw:
         raise ValueError(f"{name}={tuple(grid_hw)} holds {gh * gw} tokens but {n_name} has {n} tokens (N must equal gh * gw)")
@@ -100,6 +111,17 @@ def check_positions(name: str, positions, axes: int, batch: int, n: int, ref: Te
         raise ValueError(f"{name} must have shape ({axes}, B={batch}, N={n}), got {tuple(positions.shape)}")
     check_device(name, positions, "x", ref)
     return positions
+
+
+def check_like(name: str, t, ref_name: str, ref: Tensor, *, same_dtype: bool = True) -> Tensor:
+    """A tensor with ``ref``'s shape and device, and its dtype (or any float dtype)."""
+    check_tensor(name, t, ndim=ref.dim())
+    if t.shape != ref.shape:
+        raise ValueError(f"{name} must have the shape of {ref_name} {tuple(ref.shape)}, got {tuple(t.shape)}")
+    check_device(name, t, ref_name, ref)
+    if same_dtype:
+        check_same_dtype(name, t, ref_name, ref)
+    return t
 
 
 def check_lse(name: str, lse, out: Tensor, out_name: str) -> Tensor:
@@ -135,35 +157,70 @@ def check_kv(q_name: str, q: Tensor, k_name: str, k: Tensor, v_name: str, v: Ten
 # Per-op checks. Each returns the normalised arguments the kernels and the reference need.
 
 
-def check_rope_2d(x, grid_hw, theta, positions) -> Tuple[float, Optional[Tuple[int, int]]]:
+def rope_2d_gw(x, grid_hw, positions) -> int:
+    """The public ``grid_hw`` as the registered op's ``gw`` (0 when ``positions`` override the grid)."""
+    check_tensor("x", x, ndim=4)
+    if positions is None:
+        return check_grid("grid_hw", grid_hw, x.shape[1], "x")[1]
+    if grid_hw is not None:
+        check_grid("grid_hw", grid_hw)
+    return 0
+
+
+def check_rope_2d_op(x, positions, gw, theta) -> float:
+    """``latte::rope_2d`` / ``rope_2d_``: token n at row ``n // gw``, column ``n % gw`` unless
+    ``positions`` (2, B, N) are given."""
     check_bshd("x", x)
     b, n, _, d = x.shape
     if d % 4 != 0:  # implied by the multiple-of-8 rule; kept for the explicit message
         raise ValueError(f"x head_dim must be divisible by 4 for 2D RoPE, got {d}")
     theta = check_positive_float("theta", theta)
     if positions is None:
-        grid = check_grid("grid_hw", grid_hw, n, "x")
+        if not _is_int(gw) or gw < 1 or n % gw != 0:
+            raise ValueError(f"gw (the grid width) must be a positive int dividing the {n} tokens of x when positions "
+                             f"is None, got {gw!r}")
     else:
         check_positions("positions", positions, 2, b, n, x)
-        grid = None if grid_hw is None else check_grid("grid_hw", grid_hw)
+    return theta
+
+
+def check_no_overlap(x: Tensor) -> None:
+    """An in-place op's output must not alias itself (a stride of 0)."""
+    if any(st == 0 and size > 1 for st, size in zip(x.stride(), x.shape)):
+        raise ValueError(f"x has overlapping memory (a stride of 0, strides {tuple(x.stride())}): it cannot be "
+                         f"rotated in place")
+
+
+def check_rope_2d(x, grid_hw, theta, positions) -> Tuple[float, Optional[Tuple[int, int]]]:
+    """The public ``rope_2d``'s arguments: ``(theta, grid)``, grid None when positions are given without one."""
+    gw = rope_2d_gw(x, grid_hw, positions)
+    theta = check_rope_2d_op(x, positions, gw, theta)
+    grid = None if grid_hw is None else check_grid("grid_hw", grid_hw)
     return theta, grid
 
 
+def check_mrope_section(mrope_section) -> Tuple[int, int, int]:
+    if not isinstance(mrope_section, (tuple, list)) or len(mrope_section) != 3:
+        raise TypeError(f"mrope_section must be three ints (temporal, height, width), got {mrope_section!r}")
+    if any(not _is_int(s) or s < 0 for s in mrope_section):
+        raise ValueError(f"mrope_section must hold non-negative ints, got {mrope_section!r}")
+    return tuple(int(s) for s in mrope_section)
+
+
 def check_mrope(x, positions, mrope_section, theta) -> Tuple[Tuple[int, int, int], float]:
+    """``latte::mrope`` / ``mrope_`` and the public ``mrope``: ``(section, theta)``."""
     check_bshd("x", x)
     b, n, _, d = x.shape
     check_positions("positions", positions, 3, b, n, x)
-    if not isinstance(mrope_section, (tuple, list)) or len(mrope_section) != 3:
-        raise TypeError(f"mrope_section must be three ints (temporal, height, width), got {mrope_section!r}")
-    if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in mrope_section):
-        raise ValueError(f"mrope_section must hold non-negative ints, got {mrope_section!r}")
-    if sum(mrope_section) != d // 2:
-        raise ValueError(f"mrope_section {tuple(mrope_section)} sums to {sum(mrope_section)} but must equal head_dim/2 = {d // 2}")
-    return tuple(int(s) for s in mrope_section), check_positive_float("theta", theta)
+    section = check_mrope_section(mrope_section)
+    if sum(section) != d // 2:
+        raise ValueError(f"mrope_section {section} sums to {sum(section)} but must equal head_dim/2 = {d // 2}")
+    return section, check_positive_float("theta", theta)
 
 
 def check_merge(out_a, lse_a, out_b, lse_b) -> None:
-    check_tensor("out_a", out_a, ndim=4)
+    """``latte::merge_attention_states`` and the public function: one check for both."""
+    check_bshd("out_a", out_a)
     check_tensor("out_b", out_b, ndim=4)
     if out_a.shape != out_b.shape:
         raise ValueError(f"out_b has shape {tuple(out_b.shape)} but out_a has {tuple(out_a.shape)}; they must match")
@@ -172,6 +229,12 @@ def check_merge(out_a, lse_a, out_b, lse_b) -> None:
     check_lse("lse_a", lse_a, out_a, "out_a")
     check_lse("lse_b", lse_b, out_a, "out_a")
     check_same_dtype("lse_b", lse_b, "lse_a", lse_a)
+
+
+def check_merge_backward(grad_out, grad_lse, out_a, lse_a, out_b, lse_b) -> None:
+    check_merge(out_a, lse_a, out_b, lse_b)
+    check_like("grad_out", grad_out, "out_a", out_a, same_dtype=False)
+    check_lse("grad_lse", grad_lse, out_a, "out_a")
 
 
 def check_ctx_lens(ctx_lens, batch: int, q: Tensor) -> None:
@@ -206,28 +269,51 @@ def check_ctx_lens_values(ctx_lens: Tensor, nc: int) -> None:
         raise ValueError(f"ctx_lens values must lie in [0, Nc={nc}], got min {lo} and max {hi}")
 
 
-def check_context_attention(q, k_ctx, v_ctx, ctx_lens, scale) -> float:
+def check_context_attention_op(q, k_ctx, v_ctx, ctx_lens, scale) -> float:
+    """Shapes, dtypes and devices (``ctx_lens`` values are for the host, see check_ctx_lens_values)."""
     check_bshd("q", q)
     check_kv("q", q, "k_ctx", k_ctx, "v_ctx", v_ctx)
     if ctx_lens is not None:
         check_ctx_lens(ctx_lens, q.shape[0], q)
-        check_ctx_lens_values(ctx_lens, k_ctx.shape[1])
     return check_scale("scale", scale, q.shape[-1])
 
 
-def check_state(state, q: Tensor) -> Optional[Tuple[Tensor, Tensor]]:
+def check_context_attention_backward(grad_out, grad_lse, q, k_ctx, v_ctx, ctx_lens, out, lse, scale) -> None:
+    check_context_attention_op(q, k_ctx, v_ctx, ctx_lens, scale)
+    check_like("grad_out", grad_out, "q", q, same_dtype=False)
+    check_lse("grad_lse", grad_lse, q, "q")
+    check_like("out", out, "q", q, same_dtype=False)
+    check_lse("lse", lse, q, "q")
+
+
+def check_context_attention(q, k_ctx, v_ctx, ctx_lens, scale) -> float:
+    scale = check_context_attention_op(q, k_ctx, v_ctx, ctx_lens, scale)
+    if ctx_lens is not None:
+        check_ctx_lens_values(ctx_lens, k_ctx.shape[1])
+    return scale
+
+
+def unpack_state(state) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """The public ``state=(out_c, lse_c)`` pair (or None) as the op's two arguments."""
     if state is None:
-        return None
+        return None, None
     if not isinstance(state, (tuple, list)) or len(state) != 2:
         raise TypeError(f"state must be a pair (out_c, lse_c) or None, got {type(state).__name__}")
-    out_c, lse_c = state
+    return state[0], state[1]
+
+
+def check_state(out_c, lse_c, q: Tensor) -> None:
+    if (out_c is None) != (lse_c is None):
+        given, missing = ("out_c", "lse_c") if lse_c is None else ("lse_c", "out_c")
+        raise ValueError(f"out_c and lse_c (the state) are given together or not at all: got {given} without {missing}")
+    if out_c is None:
+        return
     check_tensor("state[0] (out_c)", out_c, ndim=4)
     if out_c.shape != q.shape:
         raise ValueError(f"state[0] (out_c) must have the shape of q {tuple(q.shape)}, got {tuple(out_c.shape)}")
     check_device("state[0] (out_c)", out_c, "q", q)
     check_same_dtype("state[0] (out_c)", out_c, "q", q)
     check_lse("state[1] (lse_c)", lse_c, q, "q")
-    return out_c, lse_c
 
 
 def check_residual_inputs(q, k, q_prev, k_prev, gate) -> bool:
@@ -255,33 +341,76 @@ def check_residual_inputs(q, k, q_prev, k_prev, gate) -> bool:
     return True
 
 
-def check_residual_attention(q, k, v, q_prev, k_prev, gate, scale, prev_scale, state, rope_grid, rope_theta):
-    """Returns (scale, prev_scale, has_residual, state, rope_grid, rope_theta)."""
+def check_residual_attention_op(q, k, v, q_prev, k_prev, gate, out_c, lse_c, scale, prev_scale, rope_grid,
+                                rope_theta) -> None:
+    """``latte::residual_attention``'s arguments (scales already resolved to floats)."""
     check_bshd("q", q)
     check_kv("q", q, "k", k, "v", v)
-    has_residual = check_residual_inputs(q, k, q_prev, k_prev, gate)
+    check_residual_inputs(q, k, q_prev, k_prev, gate)
+    check_state(out_c, lse_c, q)
+    check_scale("scale", scale, q.shape[-1])
+    check_scale("prev_scale", prev_scale, q.shape[-1])
+    if rope_grid is not None:
+        check_grid("rope_grid", rope_grid, q.shape[1], "q")
+        check_dim("k", "sequence length", k.shape[1], q.shape[1], "q (rope_grid rotates both on one grid)")
+    check_positive_float("rope_theta", rope_theta)
+
+
+def check_residual_attention_backward(dout, dlse, q, k, v, q_prev, k_prev, gate, out_c, lse_c, out, lse, scale,
+                                      prev_scale, rope_grid, rope_theta) -> None:
+    """``latte::residual_attention_backward``: the forward's arguments, its outputs and their cotangents
+    (in the query's dtype: the kernels multiply them with q, k, v)."""
+    check_residual_attention_op(q, k, v, q_prev, k_prev, gate, out_c, lse_c, scale, prev_scale, rope_grid, rope_theta)
+    check_like("dout", dout, "q", q)
+    check_lse("dlse", dlse, q, "q")
+    check_like("out", out, "q", q)
+    check_lse("lse", lse, q, "q")
+
+
+def residual_attention_args(q, scale, prev_scale, state, rope_grid, rope_theta):
+    """What the public ``residual_attention`` resolves before its op checks the tensors:
+    ``(scale, prev_scale, out_c, lse_c, rope_grid, rope_theta)``."""
+    check_bshd("q", q)  # the default scale needs a valid head_dim
     scale = check_scale("scale", scale, q.shape[-1])
     prev_scale = scale if prev_scale is None else check_scale("prev_scale", prev_scale, q.shape[-1])
-    state = check_state(state, q)
-    if rope_grid is not None:
-        rope_grid = check_grid("rope_grid", rope_grid, q.shape[1], "q")
-        check_dim("k", "sequence length", k.shape[1], q.shape[1], "q (rope_grid rotates both on one grid)")
-    rope_theta = check_positive_float("rope_theta", rope_theta)
-    return scale, prev_scale, has_residual, state, rope_grid, rope_theta
+    out_c, lse_c = unpack_state(state)
+    rope_grid = None if rope_grid is None else check_grid("rope_grid", rope_grid)
+    return scale, prev_scale, out_c, lse_c, rope_grid, check_positive_float("rope_theta", rope_theta)
+
+
+def check_residual_attention(q, k, v, q_prev, k_prev, gate, scale, prev_scale, state, rope_grid, rope_theta):
+    """The public signature, everything checked: ``(scale, prev_scale, state, rope_grid, rope_theta)``."""
+    scale, prev_scale, out_c, lse_c, rope_grid, rope_theta = residual_attention_args(
+        q, scale, prev_scale, state, rope_grid, rope_theta)
+    check_residual_attention_op(q, k, v, q_prev, k_prev, gate, out_c, lse_c, scale, prev_scale, rope_grid, rope_theta)
+    return scale, prev_scale, (None if out_c is None else (out_c, lse_c)), rope_grid, rope_theta
+
+
+def check_latte_attention_op(q, grid_hw, scale) -> Tuple[float, Tuple[int, int]]:
+    """What ``latte::latte_attention`` checks before its parts (whose ops check the rest): ``(scale, grid)``."""
+    check_bshd("q", q)
+    return check_scale("scale", scale, q.shape[-1]), check_grid("grid_hw", grid_hw, q.shape[1], "q")
+
+
+def latte_attention_args(q, grid_hw, k_ctx, ctx_lens, scale, rope_theta) -> Tuple[float, Tuple[int, int], float]:
+    """What the public ``latte_attention`` checks before its op: the ``ctx_lens`` values (read on the
+    host, once per call) and the scalars; returns ``(scale, grid, rope_theta)``."""
+    scale, grid = check_latte_attention_op(q, grid_hw, scale)
+    if ctx_lens is not None:
+        check_tensor("k_ctx", k_ctx, ndim=4)
+        check_ctx_lens(ctx_lens, q.shape[0], q)
+        check_ctx_lens_values(ctx_lens, k_ctx.shape[1])
+    return scale, grid, check_positive_float("rope_theta", rope_theta)
 
 
 def check_latte_attention(q, k, v, grid_hw, k_ctx, v_ctx, ctx_lens, q_prev, k_prev, gate, scale, rope_theta):
-    """Returns (scale, grid, rope_theta)."""
-    check_bshd("q", q)
+    """The public signature, everything checked: ``(scale, grid, rope_theta)``."""
+    scale, grid, rope_theta = latte_attention_args(q, grid_hw, k_ctx, ctx_lens, scale, rope_theta)
     check_kv("q", q, "k", k, "v", v)
-    grid = check_grid("grid_hw", grid_hw, q.shape[1], "q")
     check_dim("k", "sequence length", k.shape[1], q.shape[1], "q (image tokens attend to themselves)")
-    check_kv("q", q, "k_ctx", k_ctx, "v_ctx", v_ctx)
-    if ctx_lens is not None:
-        check_ctx_lens(ctx_lens, q.shape[0], q)
-        check_ctx_lens_values(ctx_lens, k_ctx.shape[1])
+    check_context_attention_op(q, k_ctx, v_ctx, ctx_lens, scale)
     check_residual_inputs(q, k, q_prev, k_prev, gate)
-    return check_scale("scale", scale, q.shape[-1]), grid, check_positive_float("rope_theta", rope_theta)
+    return scale, grid, rope_theta
 
 
 def as_pair(value: Optional[Sequence[int]]) -> Optional[Tuple[int, int]]:

@@ -2,7 +2,9 @@
 
 The kernels are the C++/CUDA extension in ``csrc/`` (``torch.ops.latte_ext``; ``_ext.py`` loads or
 builds it). This module adds what the op needs from Python once the library is loaded: the fake
-(meta) implementations for ``torch.compile``, and autograd through both outputs, the LSE included.
+(meta) implementations for ``torch.compile``, which check their arguments as the C++ ops do (so a
+malformed call fails the same way traced or on meta tensors), and autograd through both outputs, the
+LSE included.
 """
 from __future__ import annotations
 
@@ -22,11 +24,13 @@ def _lse_dtype(q: Tensor) -> torch.dtype:
 
 
 def _fake_forward(q, k_ctx, v_ctx, ctx_lens, scale):
+    V.check_context_attention_op(q, k_ctx, v_ctx, ctx_lens, scale)
     b, n, h, _ = q.shape
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((b, h, n), dtype=_lse_dtype(q))
 
 
 def _fake_backward(grad_out, grad_lse, q, k_ctx, v_ctx, ctx_lens, out, lse, scale):
+    V.check_context_attention_backward(grad_out, grad_lse, q, k_ctx, v_ctx, ctx_lens, out, lse, scale)
     c = torch.contiguous_format
     return (torch.empty_like(q, memory_format=c), torch.empty_like(k_ctx, memory_format=c),
             torch.empty_like(v_ctx, memory_format=c))
@@ -77,9 +81,11 @@ def context_attention(
 
 
 def run(q: Tensor, k_ctx: Tensor, v_ctx: Tensor, ctx_lens: Optional[Tensor], scale: float) -> Tuple[Tensor, Tensor]:
-    """The op on arguments already validated (the composite ``latte_attention`` calls this, so a layer
-    validates once, and reads ``ctx_lens`` on the host at most once)."""
+    """The op without the host-side ``ctx_lens`` value check (the composite ``latte_attention`` calls
+    this, so a layer reads ``ctx_lens`` on the host at most once). Shapes, dtypes and devices are still
+    checked: by the extension's op, or here where the reference runs instead."""
     if not _backend.extension_runs(q):
+        V.check_context_attention_op(q, k_ctx, v_ctx, ctx_lens, scale)
         return reference._context_attention(q, k_ctx, v_ctx, ctx_lens, scale)
     ensure_registered()
     return torch.ops.latte_ext.context_attention(q, k_ctx, v_ctx, ctx_lens, scale)

@@ -4,8 +4,10 @@
 it is, by definition, ``context_attention(rope_2d(q), k_ctx, v_ctx, ctx_lens)`` merged inside
 ``residual_attention(q, k, v, ..., state=that, rope_grid=grid_hw)``, composed from the parts'
 registered ops so that whichever kernels they run (Triton, CUDA extension, reference) plug in here.
-Autograd, fakes and ``torch.compile`` come from the parts. The public function validates once; the
-composite does not re-validate (on CUDA each ``ctx_lens`` value check is a host sync).
+Autograd, fakes and ``torch.compile`` come from the parts, and so do the argument checks: each part's
+op checks its tensors, the composite checks ``q`` and ``grid_hw`` (which it reads itself) first. The
+public function adds only the ``ctx_lens`` value check, once per call (on CUDA it is a host sync;
+the composite never does it, so a layer calling the op directly stays graph-safe).
 """
 from __future__ import annotations
 
@@ -29,13 +31,12 @@ _lib.define(
 def _composite(q: Tensor, k: Tensor, v: Tensor, grid_hw: List[int], k_ctx: Tensor, v_ctx: Tensor,
                ctx_lens: Optional[Tensor], q_prev: Optional[Tensor], k_prev: Optional[Tensor],
                gate: Optional[Tensor], scale: Optional[float], rope_theta: float) -> Tensor:
-    # The parts' registered ops (and context attention's unchecked entry), not their public
-    # functions: the arguments were validated once by ``latte_attention`` below.
-    scale = V.check_scale("scale", scale, q.shape[-1])  # the one place that defines the default
-    gw = int(grid_hw[1])
+    # The parts' registered ops (and context attention's entry without the ctx_lens value check), not
+    # their public functions: each op checks its own tensors.
+    scale, (gh, gw) = V.check_latte_attention_op(q, grid_hw, scale)  # check_scale: the default scale
     state = _context_attention(torch.ops.latte.rope_2d(q, None, gw, rope_theta, False), k_ctx, v_ctx, ctx_lens, scale)
     out, _ = torch.ops.latte.residual_attention(q, k, v, q_prev, k_prev, gate, state[0], state[1], scale, scale,
-                                                [int(grid_hw[0]), gw], rope_theta)
+                                                [gh, gw], rope_theta)
     return out
 
 
@@ -61,8 +62,6 @@ def latte_attention(
 
     ``q, k, v, q_prev, k_prev`` are un-rotated projections; ``k_ctx`` is already rotated (M-RoPE).
     """
-    scale, grid, rope_theta = V.check_latte_attention(
-        q, k, v, grid_hw, k_ctx, v_ctx, ctx_lens, q_prev, k_prev, gate, scale, rope_theta
-    )
+    scale, grid, rope_theta = V.latte_attention_args(q, grid_hw, k_ctx, ctx_lens, scale, rope_theta)
     return torch.ops.latte.latte_attention(q, k, v, list(grid), k_ctx, v_ctx, ctx_lens, q_prev, k_prev, gate,
                                            scale, rope_theta)

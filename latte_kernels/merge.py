@@ -2,17 +2,18 @@
 
 With ``m = max(lse_a, lse_b)`` (0 where both are -inf), ``w_a = exp(lse_a - m) / (w_a + w_b)`` and the
 same for ``b``: ``lse = m + log(exp(lse_a - m) + exp(lse_b - m))``, ``out = w_a * out_a + w_b * out_b``.
--inf on one side gives weights exactly 0 and 1 (the other side unchanged); on both, weights 0, 0 and
-``lse = -inf``, never NaN. Accumulation is float32; ``out`` keeps ``out_a``'s dtype, ``lse`` is float32.
+-inf on one side gives weights exactly 0 and 1 (the other side unchanged) and that side's output is
+never read (it may hold NaN); on both, weights 0, 0 and ``lse = -inf``, never NaN. Accumulation is
+float32; ``out`` keeps ``out_a``'s dtype, ``lse`` is float32.
 
 Backward (``w_a + w_b = 1``, ``g``/``g_lse`` the cotangents of ``out``/``lse``):
 ``d out_a = w_a g``, ``d out_b = w_b g``, ``d lse_a = w_a (<g, out_a - out> + g_lse)``, and the same for
 ``b``. It is finite for every input the forward accepts, rows with both sides empty included.
 
 Registered ops (namespace ``latte``): ``merge_attention_states(out_a, lse_a, out_b, lse_b) -> (out, lse)``
-with autograd, and its backward ``merge_attention_states_backward``. Both read any strides, write
-contiguous outputs, run Triton when ``_backend.triton_runs`` allows (float32 LSEs) and the same
-formulas in PyTorch otherwise (float64 for ``gradcheck``).
+with autograd, and its backward ``merge_attention_states_backward``. Both check their arguments
+(``_validate``), read any strides, write contiguous outputs, run Triton when ``_backend.triton_runs``
+allows (float32 LSEs) and the same formulas in PyTorch otherwise (float64 for ``gradcheck``).
 """
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from . import _backend, reference
 from . import _validate as V
-from . import reference
 from ._backend import HAS_TRITON, triton_runs
 
 if HAS_TRITON:
@@ -31,7 +32,8 @@ if HAS_TRITON:
 
     @triton.jit
     def _row_weights(LA, LB, b, h, n, row_ok, sla_b, sla_h, sla_n, slb_b, slb_h, slb_n):
-        """Per-row normalised weights (w_a, w_b) and the merged lse, float32."""
+        """Per-row normalised weights (w_a, w_b), the merged lse (float32) and whether each side is
+        non-empty (lse > -inf: an empty side's output is not read)."""
         la = tl.load(LA + b * sla_b + h * sla_h + n * sla_n, mask=row_ok, other=float("-inf")).to(tl.float32)
         lb = tl.load(LB + b * slb_b + h * slb_h + n * slb_n, mask=row_ok, other=float("-inf")).to(tl.float32)
         m = tl.maximum(la, lb)
@@ -41,7 +43,7 @@ if HAS_TRITON:
         total = wa + wb
         denom = tl.where(total == 0.0, 1.0, total)
         lse = tl.where(total == 0.0, float("-inf"), m + tl.log(denom))  # both sides empty: -inf
-        return wa / denom, wb / denom, lse
+        return wa / denom, wb / denom, lse, la != float("-inf"), lb != float("-inf")
 
     @triton.jit
     def _merge_fwd_kernel(
@@ -61,10 +63,12 @@ if HAS_TRITON:
         h = r % H
         n = (r // H) % N
         b = r // (H * N)
-        wa, wb, lse = _row_weights(LA, LB, b, h, n, row_ok, sla_b, sla_h, sla_n, slb_b, slb_h, slb_n)
+        wa, wb, lse, has_a, has_b = _row_weights(LA, LB, b, h, n, row_ok, sla_b, sla_h, sla_n, slb_b, slb_h, slb_n)
         mask = row_ok[:, None] & (d < D)[None, :]
-        oa = tl.load(OA + (b * soa_b + n * soa_n + h * soa_h)[:, None] + d[None, :] * soa_d, mask=mask, other=0.0)
-        ob = tl.load(OB + (b * sob_b + n * sob_n + h * sob_h)[:, None] + d[None, :] * sob_d, mask=mask, other=0.0)
+        oa = tl.load(OA + (b * soa_b + n * soa_n + h * soa_h)[:, None] + d[None, :] * soa_d,
+                     mask=mask & has_a[:, None], other=0.0)
+        ob = tl.load(OB + (b * sob_b + n * sob_n + h * sob_h)[:, None] + d[None, :] * sob_d,
+                     mask=mask & has_b[:, None], other=0.0)
         out = wa[:, None] * oa.to(tl.float32) + wb[:, None] * ob.to(tl.float32)
         tl.store(OUT + r[:, None] * D + d[None, :], out.to(OUT.dtype.element_ty), mask=mask)
         tl.store(LSE + (b * H + h) * N + n, lse, mask=row_ok)
@@ -88,12 +92,14 @@ if HAS_TRITON:
         h = r % H
         n = (r // H) % N
         b = r // (H * N)
-        wa, wb, _ = _row_weights(LA, LB, b, h, n, row_ok, sla_b, sla_h, sla_n, slb_b, slb_h, slb_n)
+        wa, wb, _, has_a, has_b = _row_weights(LA, LB, b, h, n, row_ok, sla_b, sla_h, sla_n, slb_b, slb_h, slb_n)
         mask = row_ok[:, None] & (d < D)[None, :]
         g = tl.load(G + (b * sg_b + n * sg_n + h * sg_h)[:, None] + d[None, :] * sg_d, mask=mask, other=0.0).to(tl.float32)
         gl = tl.load(GL + b * sgl_b + h * sgl_h + n * sgl_n, mask=row_ok, other=0.0).to(tl.float32)
-        oa = tl.load(OA + (b * soa_b + n * soa_n + h * soa_h)[:, None] + d[None, :] * soa_d, mask=mask, other=0.0).to(tl.float32)
-        ob = tl.load(OB + (b * sob_b + n * sob_n + h * sob_h)[:, None] + d[None, :] * sob_d, mask=mask, other=0.0).to(tl.float32)
+        oa = tl.load(OA + (b * soa_b + n * soa_n + h * soa_h)[:, None] + d[None, :] * soa_d,
+                     mask=mask & has_a[:, None], other=0.0).to(tl.float32)
+        ob = tl.load(OB + (b * sob_b + n * sob_n + h * sob_h)[:, None] + d[None, :] * sob_d,
+                     mask=mask & has_b[:, None], other=0.0).to(tl.float32)
         out = wa[:, None] * oa + wb[:, None] * ob
         dla = wa * (tl.sum(g * (oa - out), axis=1) + gl)
         dlb = wb * (tl.sum(g * (ob - out), axis=1) + gl)
@@ -126,12 +132,13 @@ def _launch_fwd(out: Tensor, lse: Tensor, out_a: Tensor, lse_a: Tensor, out_b: T
     b, n, h, d = out_a.shape
     block_r, block_d = _blocks(d)
     rows = b * n * h
-    _merge_fwd_kernel[(triton.cdiv(rows, block_r),)](
-        out_a, lse_a, out_b, lse_b, out, lse,
-        rows, n, h, d,
-        *out_a.stride(), *out_b.stride(), *lse_a.stride(), *lse_b.stride(),
-        BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4,
-    )
+    with _backend.device_guard(out_a):
+        _merge_fwd_kernel[(triton.cdiv(rows, block_r),)](
+            out_a, lse_a, out_b, lse_b, out, lse,
+            rows, n, h, d,
+            *out_a.stride(), *out_b.stride(), *lse_a.stride(), *lse_b.stride(),
+            BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4,
+        )
 
 
 def _launch_bwd(d_oa: Tensor, d_la: Tensor, d_ob: Tensor, d_lb: Tensor, grad_out: Tensor, grad_lse: Tensor,
@@ -140,12 +147,13 @@ def _launch_bwd(d_oa: Tensor, d_la: Tensor, d_ob: Tensor, d_lb: Tensor, grad_out
     b, n, h, d = out_a.shape
     block_r, block_d = _blocks(d)
     rows = b * n * h
-    _merge_bwd_kernel[(triton.cdiv(rows, block_r),)](
-        grad_out, grad_lse, out_a, lse_a, out_b, lse_b, d_oa, d_la, d_ob, d_lb,
-        rows, n, h, d,
-        *grad_out.stride(), *grad_lse.stride(), *out_a.stride(), *out_b.stride(), *lse_a.stride(), *lse_b.stride(),
-        BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4,
-    )
+    with _backend.device_guard(out_a):
+        _merge_bwd_kernel[(triton.cdiv(rows, block_r),)](
+            grad_out, grad_lse, out_a, lse_a, out_b, lse_b, d_oa, d_la, d_ob, d_lb,
+            rows, n, h, d,
+            *grad_out.stride(), *grad_lse.stride(), *out_a.stride(), *out_b.stride(), *lse_a.stride(), *lse_b.stride(),
+            BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4,
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -154,6 +162,7 @@ def _launch_bwd(d_oa: Tensor, d_la: Tensor, d_ob: Tensor, d_lb: Tensor, grad_out
 
 @torch.library.custom_op("latte::merge_attention_states", mutates_args=())
 def _merge_op(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> Tuple[Tensor, Tensor]:
+    V.check_merge(out_a, lse_a, out_b, lse_b)
     if not _use_triton(out_a, lse_a):
         out, lse = reference._merge(out_a, lse_a, out_b, lse_b)
         return out.contiguous(), lse.contiguous()
@@ -166,6 +175,7 @@ def _merge_op(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> Tup
 
 @_merge_op.register_fake
 def _(out_a, lse_a, out_b, lse_b):
+    V.check_merge(out_a, lse_a, out_b, lse_b)
     return out_a.new_empty(out_a.shape), lse_a.new_empty(lse_a.shape, dtype=_lse_dtype(out_a, lse_a))
 
 
@@ -180,7 +190,7 @@ def _merge_backward_torch(g, g_lse, out_a, lse_a, out_b, lse_b) -> Tuple[Tensor,
     denom = torch.where(total == 0, torch.ones_like(total), total)
     wa, wb = wa / denom, wb / denom  # (B, H, N)
     wa_, wb_ = wa.transpose(1, 2).unsqueeze(-1), wb.transpose(1, 2).unsqueeze(-1)  # (B, N, H, 1)
-    oa, ob, g = out_a.to(acc), out_b.to(acc), g.to(acc)
+    oa, ob, g = reference.zero_empty_rows(out_a, la, acc), reference.zero_empty_rows(out_b, lb, acc), g.to(acc)
     out = wa_ * oa + wb_ * ob
     d_la = wa * ((g * (oa - out)).sum(-1).transpose(1, 2) + g_lse.to(acc))
     d_lb = wb * ((g * (ob - out)).sum(-1).transpose(1, 2) + g_lse.to(acc))
@@ -191,6 +201,7 @@ def _merge_backward_torch(g, g_lse, out_a, lse_a, out_b, lse_b) -> Tuple[Tensor,
 @torch.library.custom_op("latte::merge_attention_states_backward", mutates_args=())
 def _merge_backward_op(grad_out: Tensor, grad_lse: Tensor, out_a: Tensor, lse_a: Tensor, out_b: Tensor,
                        lse_b: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    V.check_merge_backward(grad_out, grad_lse, out_a, lse_a, out_b, lse_b)
     if not _use_triton(out_a, lse_a):
         return _merge_backward_torch(grad_out, grad_lse, out_a, lse_a, out_b, lse_b)
     b, n, h, _ = out_a.shape
@@ -204,6 +215,7 @@ def _merge_backward_op(grad_out: Tensor, grad_lse: Tensor, out_a: Tensor, lse_a:
 
 @_merge_backward_op.register_fake
 def _(grad_out, grad_lse, out_a, lse_a, out_b, lse_b):
+    V.check_merge_backward(grad_out, grad_lse, out_a, lse_a, out_b, lse_b)
     return (out_a.new_empty(out_a.shape), lse_a.new_empty(lse_a.shape), out_b.new_empty(out_b.shape),
             lse_b.new_empty(lse_b.shape))
 
@@ -229,7 +241,6 @@ def merge_attention_states(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: T
     """``(out, lse)`` of one softmax over the union of the key sets behind ``a`` and ``b``.
 
     ``out_*``: (B, N, H, D); ``lse_*``: (B, H, N) float32 natural-log. Returns ``out`` contiguous in
-    ``out_a``'s dtype and ``lse`` float32; differentiable in all four inputs.
+    ``out_a``'s dtype and ``lse`` float32; differentiable in all four inputs. The op checks the arguments.
     """
-    V.check_merge(out_a, lse_a, out_b, lse_b)
     return torch.ops.latte.merge_attention_states(out_a, lse_a, out_b, lse_b)

@@ -83,6 +83,10 @@ def rope_2d(x: Tensor, grid_hw: Sequence[int], *, theta: float = 10000.0, positi
 def mrope(x: Tensor, positions: Tensor, *, mrope_section: Sequence[int] = (16, 24, 24), theta: float = 1000000.0) -> Tensor:
     """Qwen2-VL multimodal 3D RoPE of context tokens (SPEC 2.2)."""
     section, theta = V.check_mrope(x, positions, mrope_section, theta)
+    return _mrope(x, positions, section, theta)
+
+
+def _mrope(x: Tensor, positions: Tensor, section: Sequence[int], theta: float) -> Tensor:
     d = x.shape[-1]
     inv_freq = mrope_inv_freq(d, theta, x.device)  # (D/2,)
     axis = torch.repeat_interleave(torch.arange(3, device=x.device), torch.tensor(section, device=x.device))
@@ -95,21 +99,30 @@ def mrope(x: Tensor, positions: Tensor, *, mrope_section: Sequence[int] = (16, 2
 # Attention
 
 
+def zero_empty_rows(out: Tensor, lse: Tensor, acc: torch.dtype) -> Tensor:
+    """``out`` (B, N, H, D) in ``acc`` with the rows of an empty side (``lse = -inf``) zeroed: such a
+    side contributes nothing, whatever its output holds (NaN included), and gets zero gradient."""
+    return out.to(acc).masked_fill(torch.isneginf(lse).transpose(1, 2).unsqueeze(-1), 0)
+
+
 def _merge(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor, out_dtype=None) -> Tuple[Tensor, Tensor]:
     acc = torch.float64 if torch.float64 in (out_a.dtype, out_b.dtype, lse_a.dtype) else torch.float32
+    out_dtype = out_dtype or out_a.dtype
+    out_a, out_b = zero_empty_rows(out_a, lse_a, acc), zero_empty_rows(out_b, lse_b, acc)
     lse_a, lse_b = lse_a.to(acc), lse_b.to(acc)
     m = torch.maximum(lse_a, lse_b)
     m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)  # both sides empty: weights 0, not NaN
     w_a, w_b = torch.exp(lse_a - m), torch.exp(lse_b - m)
     total = w_a + w_b
-    lse = m + torch.log(total)
     empty = total == 0
     denom = torch.where(empty, torch.ones_like(total), total)
+    # both sides empty: lse -inf without a log(0) on the autograd path (its gradient would be NaN)
+    lse = torch.where(empty, torch.full_like(m, float("-inf")), m + torch.log(denom))
     w_a = (w_a / denom).transpose(1, 2).unsqueeze(-1)  # (B, N, H, 1)
     w_b = (w_b / denom).transpose(1, 2).unsqueeze(-1)
-    out = w_a * out_a.to(acc) + w_b * out_b.to(acc)
+    out = w_a * out_a + w_b * out_b
     lse_dtype = torch.float64 if acc == torch.float64 else torch.float32
-    return out.to(out_dtype or out_a.dtype), lse.to(lse_dtype)
+    return out.to(out_dtype), lse.to(lse_dtype)
 
 
 def merge_attention_states(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> Tuple[Tensor, Tensor]:
@@ -193,7 +206,7 @@ def residual_attention(
     rope_theta: float = 10000.0,
 ) -> Tuple[Tensor, Tensor]:
     """Bidirectional attention with the tanh-gated previous-layer logits (SPEC 2.5)."""
-    scale, prev_scale, _, state, rope_grid, rope_theta = V.check_residual_attention(
+    scale, prev_scale, state, rope_grid, rope_theta = V.check_residual_attention(
         q, k, v, q_prev, k_prev, gate, scale, prev_scale, state, rope_grid, rope_theta
     )
     return _residual_attention(q, k, v, q_prev, k_prev, gate, scale, prev_scale, state, rope_grid, rope_theta)

@@ -6,9 +6,10 @@ gradient is the registered op ``latte::residual_attention_backward`` (so both tr
 ``_backend.triton_runs`` says so, and elsewhere (float64, CPU without the interpreter, other devices)
 the plain-PyTorch reference with the dense gradient of ``_residual_attention_dense``.
 
-Both ops are CUDA-graph safe: no host reads of device values, allocation sizes depend on shapes only,
-launches go to the current stream. (Autotuning runs on the first call of a new shape: warm up before
-capturing, as with any autotuned Triton kernel.)
+Both ops check their own arguments (``_validate``; shapes, dtypes and devices only) in their real and
+fake implementations, and are CUDA-graph safe: no host reads of device values, allocation sizes
+depend on shapes only, launches go to the current stream of the inputs' device. (Autotuning runs on
+the first call of a new shape: warm up before capturing, as with any autotuned Triton kernel.)
 """
 from __future__ import annotations
 
@@ -50,19 +51,24 @@ def _residual_attention_op(
     out_c: Optional[Tensor], lse_c: Optional[Tensor],
     scale: float, prev_scale: float, rope_grid: Optional[List[int]], rope_theta: float,
 ) -> Tuple[Tensor, Tensor]:
+    _validate.check_residual_attention_op(q, k, v, q_prev, k_prev, gate, out_c, lse_c, scale, prev_scale, rope_grid,
+                                          rope_theta)
     grid = _grid(rope_grid)
     if not _use_triton(q):
         out, lse = _reference_core(q, k, v, q_prev, k_prev, gate, out_c, lse_c, scale, prev_scale, grid, rope_theta)
         return out.contiguous(), lse.contiguous()
     from . import _residual_attention_fwd as fwd
 
-    tanh_gate = None if gate is None else torch.tanh(gate.float())
-    return fwd.forward(q, k, v, q_prev, k_prev, tanh_gate, out_c, lse_c, scale, prev_scale, grid, rope_theta,
-                       _lse_dtype(q, lse_c))
+    tanh_gate = None if gate is None else torch.tanh(gate.float())  # keeps gate's strides: passed on
+    with _backend.device_guard(q):
+        return fwd.forward(q, k, v, q_prev, k_prev, tanh_gate, out_c, lse_c, scale, prev_scale, grid, rope_theta,
+                           _lse_dtype(q, lse_c))
 
 
 @_residual_attention_op.register_fake
 def _(q, k, v, q_prev, k_prev, gate, out_c, lse_c, scale, prev_scale, rope_grid, rope_theta):
+    _validate.check_residual_attention_op(q, k, v, q_prev, k_prev, gate, out_c, lse_c, scale, prev_scale, rope_grid,
+                                          rope_theta)
     b, nq, hq, _ = q.shape
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((b, hq, nq), dtype=_lse_dtype(q, lse_c))
 
@@ -77,13 +83,16 @@ def _residual_attention_backward_op(
     scale: float, prev_scale: float, rope_grid: Optional[List[int]], rope_theta: float,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients (dq, dk, dv, dq_prev, dk_prev, dgate, dout_c, dlse_c); an absent input's is empty."""
+    _validate.check_residual_attention_backward(dout, dlse, q, k, v, q_prev, k_prev, gate, out_c, lse_c, out, lse,
+                                                scale, prev_scale, rope_grid, rope_theta)
     grid = _grid(rope_grid)
     if _use_triton(q):
         from . import _residual_attention_bwd as bwd
 
         tanh_gate = None if gate is None else torch.tanh(gate.float())
-        grads = bwd.backward(dout, dlse, q, k, v, q_prev, k_prev, gate, tanh_gate, out_c, lse_c, out, lse,
-                             scale, prev_scale, grid, rope_theta)
+        with _backend.device_guard(q):
+            grads = bwd.backward(dout, dlse, q, k, v, q_prev, k_prev, gate, tanh_gate, out_c, lse_c, out, lse,
+                                 scale, prev_scale, grid, rope_theta)
     else:
         grads = dense_backward(dout, dlse, q, k, v, q_prev, k_prev, gate, out_c, lse_c, out, lse, scale, prev_scale, grid, rope_theta)
     return tuple(q.new_empty(_EMPTY) if g is None else g for g in grads)
@@ -91,6 +100,9 @@ def _residual_attention_backward_op(
 
 @_residual_attention_backward_op.register_fake
 def _(dout, dlse, q, k, v, q_prev, k_prev, gate, out_c, lse_c, out, lse, scale, prev_scale, rope_grid, rope_theta):
+    _validate.check_residual_attention_backward(dout, dlse, q, k, v, q_prev, k_prev, gate, out_c, lse_c, out, lse,
+                                                scale, prev_scale, rope_grid, rope_theta)
+
     def like(t):
         return q.new_empty(_EMPTY) if t is None else torch.empty_like(t, memory_format=torch.contiguous_format)
 
@@ -139,12 +151,11 @@ def residual_attention(
     pre-activation; ``state``: ``(out_c, lse_c)`` of attention over other keys; ``rope_grid``:
     rotate q, k, q_prev, k_prev by 2D RoPE on a ``(gh, gw)`` grid inside the kernel.
     Returns ``out`` (B, Nq, Hq, D) in q's dtype and ``lse`` (B, Hq, Nq) float32 (natural log) over
-    the union of this call's keys and the state's.
+    the union of this call's keys and the state's. (The op checks the tensors.)
     """
-    scale, prev_scale, _, state, rope_grid, rope_theta = _validate.check_residual_attention(
-        q, k, v, q_prev, k_prev, gate, scale, prev_scale, state, rope_grid, rope_theta
+    scale, prev_scale, out_c, lse_c, rope_grid, rope_theta = _validate.residual_attention_args(
+        q, scale, prev_scale, state, rope_grid, rope_theta
     )
-    out_c, lse_c = (None, None) if state is None else state
     return torch.ops.latte.residual_attention(
         q, k, v, q_prev, k_prev, gate, out_c, lse_c, scale, prev_scale,
         None if rope_grid is None else list(rope_grid), rope_theta,

@@ -20,9 +20,12 @@ Registered ops (namespace ``latte``):
 - ``rope_2d_(x!, positions?, gw, theta)`` and ``mrope_(x!, ...)``: rotate ``x`` in place (the public
   functions' ``inplace=True``); not differentiable.
 
-Inputs may have any strides (the kernel reads through them; nothing is copied). Every op runs the
-Triton kernel when ``_backend.triton_runs(x)`` and the reference math otherwise (float64, CPU without
-the interpreter, CPU bfloat16). No op reads device values on the host, so all are CUDA-graph safe.
+Every op checks its own arguments (``_validate``: shapes, dtypes, devices; ``gw`` must divide N when
+positions come from the grid; an in-place ``x`` must not overlap itself). Inputs may have any strides
+(the kernel reads through them; nothing is copied). Every op runs the Triton kernel when
+``_backend.triton_runs(x)`` (on x's device, under its device guard) and the reference math otherwise
+(float64, CPU without the interpreter, CPU bfloat16). No op reads device values on the host, so all
+are CUDA-graph safe.
 """
 from __future__ import annotations
 
@@ -31,8 +34,8 @@ from typing import List, Optional, Sequence
 import torch
 from torch import Tensor
 
+from . import _backend, reference
 from . import _validate as V
-from . import reference
 from ._backend import HAS_TRITON, triton_runs
 
 if HAS_TRITON:
@@ -109,19 +112,20 @@ def _launch(out: Tensor, x: Tensor, positions: Optional[Tensor], inv_freq: Tenso
     from_grid = positions is None
     pos = inv_freq if from_grid else positions  # never read when from_grid
     ps = (0, 0, 0) if from_grid else positions.stride()
-    _rope_kernel[grid](
-        x, out, pos, inv_freq,
-        n, h, max(gw, 1), bound1, bound2, freq_mod,
-        *x.stride(), *out.stride(), *ps,
-        SIN_SIGN=-1.0 if inverse else 1.0,
-        FROM_GRID=from_grid,
-        NUM_AXES=num_axes,
-        HALF=half,
-        HALF_P=half_p,
-        BLOCK_N=block_n,
-        HEADS_PER_PROG=heads_per_prog,
-        num_warps=4,
-    )
+    with _backend.device_guard(x):
+        _rope_kernel[grid](
+            x, out, pos, inv_freq,
+            n, h, max(gw, 1), bound1, bound2, freq_mod,
+            *x.stride(), *out.stride(), *ps,
+            SIN_SIGN=-1.0 if inverse else 1.0,
+            FROM_GRID=from_grid,
+            NUM_AXES=num_axes,
+            HALF=half,
+            HALF_P=half_p,
+            BLOCK_N=block_n,
+            HEADS_PER_PROG=heads_per_prog,
+            num_warps=4,
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -138,7 +142,7 @@ def _rope_2d_into(out: Tensor, x: Tensor, positions: Optional[Tensor], gw: int, 
     if positions is None:
         positions = reference.grid_positions((n // gw, gw), b, x.device)
     # rotating by -angle is rotating at -positions: (-p) * f == -(p * f) exactly in floating point
-    out.copy_(reference.rope_2d(x, None, theta=theta, positions=-positions if inverse else positions))
+    out.copy_(reference._rope_2d(x, None, theta, -positions if inverse else positions))
 
 
 def _mrope_into(out: Tensor, x: Tensor, positions: Tensor, section: Sequence[int], theta: float, inverse: bool) -> None:
@@ -148,8 +152,7 @@ def _mrope_into(out: Tensor, x: Tensor, positions: Tensor, section: Sequence[int
         s0, s1 = section[0], section[0] + section[1]
         _launch(out, x, positions, inv_freq, gw=0, bound1=s0, bound2=s1, freq_mod=d // 2, num_axes=3, inverse=inverse)
         return
-    pos = -positions if inverse else positions
-    out.copy_(reference.mrope(x, pos, mrope_section=tuple(section), theta=theta))
+    out.copy_(reference._mrope(x, -positions if inverse else positions, tuple(section), theta))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -158,6 +161,7 @@ def _mrope_into(out: Tensor, x: Tensor, positions: Tensor, section: Sequence[int
 
 @torch.library.custom_op("latte::rope_2d", mutates_args=())
 def _rope_2d_op(x: Tensor, positions: Optional[Tensor], gw: int, theta: float, inverse: bool) -> Tensor:
+    V.check_rope_2d_op(x, positions, gw, theta)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     _rope_2d_into(out, x, positions, gw, theta, inverse)
     return out
@@ -165,6 +169,7 @@ def _rope_2d_op(x: Tensor, positions: Optional[Tensor], gw: int, theta: float, i
 
 @_rope_2d_op.register_fake
 def _(x, positions, gw, theta, inverse):
+    V.check_rope_2d_op(x, positions, gw, theta)
     return x.new_empty(x.shape)
 
 
@@ -184,16 +189,21 @@ _rope_2d_op.register_autograd(_rope_2d_backward, setup_context=_rope_2d_setup_co
 
 @torch.library.custom_op("latte::rope_2d_", mutates_args=("x",))
 def _rope_2d_inplace_op(x: Tensor, positions: Optional[Tensor], gw: int, theta: float) -> None:
+    V.check_rope_2d_op(x, positions, gw, theta)
+    V.check_no_overlap(x)
     _rope_2d_into(x, x, positions, gw, theta, False)
 
 
 @_rope_2d_inplace_op.register_fake
 def _(x, positions, gw, theta):
+    V.check_rope_2d_op(x, positions, gw, theta)
+    V.check_no_overlap(x)
     return None
 
 
 @torch.library.custom_op("latte::mrope", mutates_args=())
 def _mrope_op(x: Tensor, positions: Tensor, mrope_section: List[int], theta: float, inverse: bool) -> Tensor:
+    V.check_mrope(x, positions, mrope_section, theta)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     _mrope_into(out, x, positions, mrope_section, theta, inverse)
     return out
@@ -201,6 +211,7 @@ def _mrope_op(x: Tensor, positions: Tensor, mrope_section: List[int], theta: flo
 
 @_mrope_op.register_fake
 def _(x, positions, mrope_section, theta, inverse):
+    V.check_mrope(x, positions, mrope_section, theta)
     return x.new_empty(x.shape)
 
 
@@ -220,11 +231,15 @@ _mrope_op.register_autograd(_mrope_backward, setup_context=_mrope_setup_context)
 
 @torch.library.custom_op("latte::mrope_", mutates_args=("x",))
 def _mrope_inplace_op(x: Tensor, positions: Tensor, mrope_section: List[int], theta: float) -> None:
+    V.check_mrope(x, positions, mrope_section, theta)
+    V.check_no_overlap(x)
     _mrope_into(x, x, positions, mrope_section, theta, False)
 
 
 @_mrope_inplace_op.register_fake
 def _(x, positions, mrope_section, theta):
+    V.check_mrope(x, positions, mrope_section, theta)
+    V.check_no_overlap(x)
     return None
 
 
@@ -235,8 +250,6 @@ def _(x, positions, mrope_section, theta):
 def _check_inplace(x: Tensor) -> None:
     if x.requires_grad:
         raise ValueError("x requires grad: inplace=True cannot be used in an autograd-tracked call (use the default inplace=False)")
-    if any(s == 0 and size > 1 for s, size in zip(x.stride(), x.shape)):
-        raise ValueError(f"x has overlapping memory (a stride of 0, strides {tuple(x.stride())}): it cannot be rotated in place")
 
 
 def rope_2d(x: Tensor, grid_hw: Sequence[int], *, theta: float = 10000.0, positions: Optional[Tensor] = None,
@@ -245,9 +258,10 @@ def rope_2d(x: Tensor, grid_hw: Sequence[int], *, theta: float = 10000.0, positi
 
     ``positions`` (int, (2, B, N): rows, columns) overrides the grid. Returns a new contiguous tensor,
     or with ``inplace=True`` rotates ``x`` itself and returns it (not allowed when ``x`` requires grad).
+    The op checks the tensors.
     """
-    theta, grid = V.check_rope_2d(x, grid_hw, theta, positions)
-    gw = grid[1] if positions is None else 0
+    gw = V.rope_2d_gw(x, grid_hw, positions)
+    theta = V.check_positive_float("theta", theta)
     if inplace:
         _check_inplace(x)
         torch.ops.latte.rope_2d_(x, positions, gw, theta)
@@ -260,10 +274,11 @@ def mrope(x: Tensor, positions: Tensor, *, mrope_section: Sequence[int] = (16, 2
     """Rotates ``x`` (B, N, H, D) by Qwen2-VL's 3D M-RoPE at ``positions`` (3, B, N).
 
     Returns a new contiguous tensor, or with ``inplace=True`` rotates ``x`` itself and returns it (not
-    allowed when ``x`` requires grad).
+    allowed when ``x`` requires grad). The op checks the tensors.
     """
-    section, theta = V.check_mrope(x, positions, mrope_section, theta)
+    section, theta = V.check_mrope_section(mrope_section), V.check_positive_float("theta", theta)
     if inplace:
+        V.check_tensor("x", x, ndim=4)
         _check_inplace(x)
         torch.ops.latte.mrope_(x, positions, list(section), theta)
         return x

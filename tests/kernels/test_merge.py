@@ -225,3 +225,59 @@ def test_gpu_cuda_graph_capture_replay():
     ref_out, ref_lse = ref.merge_attention_states(out_a, lse_a, out_b, lse_b)
     torch.testing.assert_close(out, ref_out, **TOL[torch.float32])
     torch.testing.assert_close(lse, ref_lse, **TOL[torch.float32])
+
+
+# --------------------------------------------------------------------------------------------------
+# A -inf side contributes nothing, whatever its output holds (SPEC 2.3)
+
+PATHS = {  # the kernels (float32), the op's PyTorch path (float64) and the reference module
+    "kernel": (lk.merge_attention_states, torch.float32),
+    "torch-path": (lk.merge_attention_states, torch.float64),
+    "reference": (ref.merge_attention_states, torch.float64),
+}
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_neg_inf_side_holding_nan_contributes_nothing(path):
+    fn, dtype = PATHS[path]
+    if path == "kernel" and not (HAS_CUDA or INTERPRET):
+        pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1")
+    out_a, lse_a, out_b, lse_b = (t.to(dtype) for t in states(2, 63, 2, 16))
+    lse_a, lse_b = with_empty_rows(lse_a, lse_b)
+    clean = [out_a.clone(), lse_a, out_b.clone(), lse_b]
+    out_a[:, 0:5, 0] = float("nan")  # a empty there
+    out_b[:, 5:10, 0] = float("nan")  # b empty there
+    out_a[:, 10:13, 0] = float("nan")  # both empty
+    out_b[:, 10:13, 0] = float("inf")
+    g, g_lse = torch.randn_like(out_a), torch.randn(2, 2, 63, dtype=lse_a.dtype, device=DEV)
+    leaves = [t.clone().requires_grad_() for t in (out_a, lse_a, out_b, lse_b)]
+    out, lse = fn(*leaves)
+    assert torch.equal(out[:, 0:5, 0], out_b[:, 0:5, 0].to(out.dtype))
+    assert torch.equal(out[:, 5:10, 0], out_a[:, 5:10, 0].to(out.dtype))
+    assert torch.equal(out[:, 10:13, 0], torch.zeros_like(out[:, 10:13, 0]))
+    assert torch.isfinite(out).all() and not lse.isnan().any()
+    torch.autograd.backward((out, lse), (g, g_lse))
+    for name, t in zip(("out_a", "lse_a", "out_b", "lse_b"), leaves):
+        assert torch.isfinite(t.grad).all(), f"d{name} is not finite"
+    want = _grads(fn, clean, g, g_lse)
+    for name, got, w in zip(("out_a", "lse_a", "out_b", "lse_b"), (t.grad for t in leaves), want):
+        torch.testing.assert_close(got, w, atol=0, rtol=0, msg=lambda m: f"d{name}: {m}")
+
+
+@pytest.mark.parametrize("d", [3, 12, 264, 1000])
+def test_head_dim_outside_the_spec_is_refused(d):
+    out_a, lse_a, out_b, lse_b = states(1, 5, 2, d)
+    with pytest.raises(ValueError, match="out_a head_dim must be a multiple of 8"):
+        lk.merge_attention_states(out_a, lse_a, out_b, lse_b)
+    with pytest.raises(ValueError, match="out_a head_dim must be a multiple of 8"):
+        ref.merge_attention_states(out_a, lse_a, out_b, lse_b)
+
+
+@pytest.mark.parametrize("shape", [(0, 5, 2, 16), (1, 0, 2, 16), (1, 5, 0, 16)])
+def test_empty_tensors_are_refused(shape):
+    b, n, h, _ = shape
+    out_a, out_b = torch.randn(shape), torch.randn(shape)
+    lse_a, lse_b = torch.randn(b, h, n), torch.randn(b, h, n)
+    for fn in (lk.merge_attention_states, ref.merge_attention_states):
+        with pytest.raises(ValueError, match="out_a must be non-empty"):
+            fn(out_a, lse_a, out_b, lse_b)

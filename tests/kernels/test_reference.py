@@ -357,6 +357,7 @@ def _bad_calls():
         ("head_dim 12", lambda: R(*_qkv(d=12)), ValueError, "multiple of 8"),
         ("head_dim 264", lambda: R(*_qkv(d=264)), ValueError, "multiple of 8 in \\[8, 256\\]"),
         ("empty", lambda: R(*_qkv(n=0)), ValueError, "non-empty"),
+        ("head_dim 0", lambda: R(*_qkv(d=0)), ValueError, "non-empty"),  # not a ZeroDivisionError (default scale)
         # residual triple
         ("q_prev alone", lambda: R(q, k, v, q_prev=qp), ValueError, "without k_prev, gate"),
         ("no gate", lambda: R(q, k, v, q_prev=qp, k_prev=kp), ValueError, "without gate"),

@@ -381,3 +381,37 @@ def test_gpu_memory_is_linear_in_n():
     q_bytes = args[0].numel() * args[0].element_size()
     assert torch.isfinite(out).all() and torch.isfinite(inputs[0].grad).all()
     assert extra < 16 * q_bytes, f"peak extra {extra / 2**20:.0f} MiB is not O(N) (q is {q_bytes / 2**20:.0f} MiB)"
+
+
+# --------------------------------------------------------------------------------------------------
+# An empty state (lse_c = -inf) contributes nothing, even where out_c holds NaN (SPEC 2.3, 2.5)
+
+
+# the kernels form w * out_c of an empty row (inf * 0 here) and discard it with a select: numpy, under
+# the interpreter, warns about the discarded value
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("path", ["kernel", "torch-path", "reference"])
+@pytest.mark.parametrize("rope", [False, True])
+def test_empty_state_holding_nan_contributes_nothing(path, rope):
+    if path == "kernel" and not KERNEL_ON_CPU:
+        pytest.skip("the Triton kernel runs on CPU only under TRITON_INTERPRET=1")
+    fn = ref.residual_attention if path == "reference" else lk.residual_attention
+    dtype = torch.float32 if path == "kernel" else f64
+    args, kw = case(2, 63, 63, 4, 2, 16, state=True, rope=rope, dtype=dtype)
+    out_c, lse_c = kw["state"]
+    lse_c = lse_c.to(dtype)
+    lse_c[1, 2, 10:20] = float("-inf")
+    clean = dict(kw, state=(out_c.masked_fill(torch.isneginf(lse_c).transpose(1, 2)[..., None], 0.0), lse_c))
+    poisoned = out_c.clone()
+    poisoned[0, 0:5, 0] = float("nan")  # rows 0..4 of head 0, batch 0 (lse_c = -inf there)
+    poisoned[-1, -1, -1] = float("nan")
+    poisoned[1, 10:20, 2] = float("inf")
+    dirty = dict(kw, state=(poisoned, lse_c))
+    d_out, d_lse = torch.randn(2, 63, 4, 16, dtype=f64), torch.randn(2, 4, 63, dtype=f64)
+    out, lse, got = grads(fn, args, dirty, d_out, d_lse)
+    want_out, want_lse, want = grads(fn, args, clean, d_out, d_lse)
+    torch.testing.assert_close(out, want_out, atol=0, rtol=0)
+    torch.testing.assert_close(lse, want_lse, atol=0, rtol=0)
+    for name, g, w in zip(names_of(kw), got, want):
+        assert torch.isfinite(g).all(), f"d{name} is not finite"
+        torch.testing.assert_close(g, w, atol=0, rtol=0, msg=lambda m: f"d{name}: {m}")
