@@ -108,16 +108,23 @@ __global__ void __launch_bounds__(Tr::kNThreads) fwd_kernel(const ContextAttenti
 
     // Online softmax on the fragment, in log2 units: s' = scale * log2(e) * s.
     Tensor s_rc = make_tensor(acc_s.data(), rowcol(acc_s.layout()));
+    CUTE_UNROLL
+    for (int e = 0; e < size(acc_s); ++e) acc_s(e) *= scale_log2;  // any sign of scale
     const int valid = len - n * kBlockN;
+    if (valid < kBlockN) {  // the partial last tile: keys at or past the length do not exist
+      CUTE_UNROLL
+      for (int i = 0; i < kRows; ++i) {
+        CUTE_UNROLL
+        for (int j = 0; j < size<1>(s_rc); ++j) {
+          if (get<1>(cS_rc(i, j)) >= valid) s_rc(i, j) = -INFINITY;
+        }
+      }
+    }
     CUTE_UNROLL
     for (int i = 0; i < kRows; ++i) {
       float mx = row_max[i];
       CUTE_UNROLL
-      for (int j = 0; j < size<1>(s_rc); ++j) {
-        const float s = get<1>(cS_rc(i, j)) < valid ? s_rc(i, j) * scale_log2 : -INFINITY;
-        s_rc(i, j) = s;
-        mx = fmaxf(mx, s);
-      }
+      for (int j = 0; j < size<1>(s_rc); ++j) mx = fmaxf(mx, s_rc(i, j));
       mx = quad_max(mx);
       const float base = mx == -INFINITY ? 0.f : mx;  // no finite score yet: keep exp2 away from NaN
       const float alpha = exp2f(row_max[i] - base);
@@ -175,10 +182,11 @@ __global__ void __launch_bounds__(Tr::kNThreads) fwd_kernel(const ContextAttenti
   auto store_thr = gmem_store.get_thread_slice(tid);
   Tensor tOsO = store_thr.partition_S(sO);
   Tensor tOrO = make_fragment_like(tOsO);
+  Tensor tOcO = store_thr.partition_S(make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));
   copy(gmem_store, tOsO, tOrO);
   Element* out = static_cast<Element*>(p.out) + b * p.o_stride_b;
   auto out_row = [&](int r) { return out + pack.query(r) * p.o_stride_n + pack.head(hk, r) * p.o_stride_h; };
-  store_packed_rows(gmem_store, tOrO, tQcQ, row0, rows, p.D, out_row);
+  store_packed_rows(gmem_store, tOrO, tOcO, row0, rows, p.D, out_row);
 }
 
 template <typename Tr>
