@@ -108,6 +108,7 @@ __global__ void __launch_bounds__(Tr::kNThreads) fwd_kernel(const ContextAttenti
 
     // Online softmax on the fragment, in log2 units: s' = scale * log2(e) * s.
     Tensor s_rc = make_tensor(acc_s.data(), rowcol(acc_s.layout()));
+    static_assert(decltype(size<0>(s_rc))::value == kRows, "S and O views share their rows");
     CUTE_UNROLL
     for (int e = 0; e < size(acc_s); ++e) acc_s(e) *= scale_log2;  // any sign of scale
     const int valid = len - n * kBlockN;

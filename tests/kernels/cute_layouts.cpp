@@ -12,7 +12,8 @@
 //     partitions supply, every lane receives exactly the (row, col) elements its MMA fragment
 //     expects, for every operand of every product (Q, K, V^T; Q, dO, K, V, P^T, dS^T, dO^T, Q^T,
 //     dS, K^T);
-//   - the (row, col) view of the accumulator puts one tile row per view row, shared by the 4 lanes
+//   - the (row, col) view of the accumulator puts one tile row per view row (the same rows for S and
+//     O), shared by the 4 lanes
 //     of a quad (the softmax reductions), and the accumulator read as the A operand holds the same
 //     elements the A fragment of P V expects (P never leaves registers);
 //   - the GQA row packing is a bijection with the inverse the kernels use.
@@ -256,6 +257,24 @@ void check_rowcol(const std::string& name) {
   ok(name + ": (row, col) view: one tile row per view row, held by exactly one quad");
 }
 
+// Row i of the S view and row i of the O view are the same tile row (the softmax rescales O by the
+// statistics of S's rows).
+template <class Mma, int M, int N, int D>
+void check_rows_align(const std::string& name) {
+  Mma mma;
+  for (int t = 0; t < int(size(mma)); ++t) {
+    auto thr = mma.get_thread_slice(t);
+    auto ps = thr.partition_C(make_identity_tensor(Shape<Int<M>, Int<N>>{}));
+    auto po = thr.partition_C(make_identity_tensor(Shape<Int<M>, Int<D>>{}));
+    auto s = make_tensor(ps.data(), rowcol(ps.layout()));
+    auto o = make_tensor(po.data(), rowcol(po.layout()));
+    require(size<0>(s) == size<0>(o), name + ": S and O views have different row counts");
+    for (int i = 0; i < size<0>(s); ++i)
+      require(row_of(s(i, 0)) == row_of(o(i, 0)), name + ": S and O views disagree on a row");
+  }
+  ok(name + ": S and O accumulators hold the same rows in the same order");
+}
+
 template <class Mma, int M, int N>
 void check_acc_as_a(const std::string& name) {
   Mma mma;
@@ -324,6 +343,7 @@ void check_fwd(const std::string& tag) {
   check_rowcol<Mma, M, N, true>(name + " S");
   check_rowcol<Mma, M, D, true>(name + " O");
   check_acc_as_a<Mma, M, N>(name + " P");
+  check_rows_align<Mma, M, N, D>(name + " S/O");
 }
 
 template <class Tr>
