@@ -7,8 +7,9 @@
 // Kernels: context_attention_fwd.cu and context_attention_bwd.cu (fp16/bf16, CuTe, FlashAttention-2
 // structure; tile configurations in context_attention_traits.cuh), context_attention_generic.cu
 // (the float32 SIMT path and the backward's delta). Only CUDA and CUTLASS headers there and none of
-// them here, so nvcc compiles the kernels on any machine and the binding needs no CUTLASS. The caller (csrc/binding.cpp)
-// validates shapes, allocates outputs and passes the current stream; the launchers never
+// them here, so nvcc compiles the kernels on any machine and the binding needs no CUTLASS. The
+// caller (csrc/binding.cpp) validates shapes, allocates outputs (and the float32 dQ accumulator) and
+// passes the current stream; the launchers never
 // synchronise, never read device values on the host, and so are safe inside CUDA-graph capture.
 #pragma once
 
