@@ -9,8 +9,8 @@
 // (the float32 SIMT path and the backward's delta). Only CUDA and CUTLASS headers there and none of
 // them here, so nvcc compiles the kernels on any machine and the binding needs no CUTLASS. The
 // caller (csrc/binding.cpp) validates shapes, allocates outputs (and the float32 dQ accumulator) and
-// passes the current stream; the launchers never
-// synchronise, never read device values on the host, and so are safe inside CUDA-graph capture.
+// passes the current stream; the launchers never synchronise, never read device values on the host,
+// and so are safe inside CUDA-graph capture.
 #pragma once
 
 #include <cstdint>
