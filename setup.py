@@ -2,14 +2,26 @@
 already installed, so pip must not hide it in an isolated build environment).
 
 The context-attention extension ``latte_kernels._C`` is built here: a CUDAExtension (csrc/*.cpp +
-csrc/*.cu for sm_80 and sm_90) when torch has CUDA and a CUDA toolkit is found, else a CppExtension
-(csrc/*.cpp, the CPU kernel). A failing compiler fails the install. If torch cannot be imported
-(pip's build isolation), the package installs without it and ``latte_kernels/_ext.py`` builds it just
-in time on first use in a source checkout."""
+csrc/*.cu for sm_80 and sm_90, on CuTe: needs the CUTLASS headers, `pip install nvidia-cutlass` or
+CUTLASS_INCLUDE, see latte_kernels/_ext.py) when torch has CUDA and a CUDA toolkit is found, else a
+CppExtension (csrc/*.cpp, the CPU kernel, no CUTLASS). A failing compiler fails the install. If torch
+cannot be imported (pip's build isolation), the package installs without it and
+``latte_kernels/_ext.py`` builds it just in time on first use in a source checkout."""
 import glob
+import importlib.util
 import sys
+from pathlib import Path
 
 from setuptools import find_packages, setup
+
+
+def _ext_module():
+    """latte_kernels/_ext.py alone (not the package, whose import needs triton): the build flags and
+    the CUTLASS include lookup live there, shared with the just-in-time build."""
+    spec = importlib.util.spec_from_file_location("_latte_ext_build", Path(__file__).parent / "latte_kernels" / "_ext.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def extension_build():
@@ -24,8 +36,8 @@ def extension_build():
     cpp = sorted(glob.glob("csrc/*.cpp"))
     cxx = ["-O3", "-std=c++17"]
     if torch.version.cuda is not None and CUDA_HOME is not None:
-        nvcc = ["-O3", "-std=c++17", "-DLATTE_WITH_CUDA", "-gencode=arch=compute_80,code=sm_80",
-                "-gencode=arch=compute_90,code=sm_90"]
+        ext_build = _ext_module()
+        nvcc = ext_build.nvcc_flags(ext_build.cutlass_include())  # RuntimeError naming `pip install nvidia-cutlass`
         ext = CUDAExtension("latte_kernels._C", cpp + sorted(glob.glob("csrc/*.cu")),
                             extra_compile_args={"cxx": cxx + ["-DLATTE_WITH_CUDA"], "nvcc": nvcc})
     else:
@@ -61,5 +73,6 @@ setup(
         "test": ["pytest", "pytest-benchmark", "hypothesis"],
         "dcae": ["diffusers"],
         "bench": ["matplotlib"],
+        "cuda": ["nvidia-cutlass>=4.2"],  # CuTe headers for the CUDA build (setup.py / _ext.py find them)
     },
 )

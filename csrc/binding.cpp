@@ -106,8 +106,14 @@ DType cuda_dtype(const at::Tensor& q) {
   return DType::kFloat32;
 }
 
-// The kernels take any strides but need the head_dim dimension contiguous.
-at::Tensor last_dim_contiguous(const at::Tensor& t) { return t.stride(3) == 1 ? t : t.contiguous(); }
+// The kernels take any strides but need the head_dim dimension contiguous, and 16-byte aligned rows
+// (the tensor-core path moves 16-byte chunks with cp.async); anything else is copied once.
+at::Tensor kernel_layout(const at::Tensor& t) {
+  const int64_t e = t.element_size();
+  bool ok = t.stride(3) == 1 && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  for (int d = 0; d < 3; ++d) ok = ok && (t.size(d) == 1 || (t.stride(d) * e) % 16 == 0);
+  return ok ? t : t.clone(at::MemoryFormat::Contiguous);
+}
 
 template <typename P>
 void set_lens(P& p, const c10::optional<at::Tensor>& ctx_lens, at::Tensor& keep) {
@@ -125,7 +131,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q_in, const at::Te
                                             const c10::optional<at::Tensor>& ctx_lens, double scale) {
   check_inputs(q_in, k_in, v_in, ctx_lens, scale);
   const c10::cuda::CUDAGuard guard(q_in.device());
-  const at::Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in), v = last_dim_contiguous(v_in);
+  const at::Tensor q = kernel_layout(q_in), k = kernel_layout(k_in), v = kernel_layout(v_in);
   at::Tensor out = at::empty(q.sizes(), q.options());
   at::Tensor lse = at::empty({q.size(0), q.size(2), q.size(1)}, q.options().dtype(at::kFloat));
   ContextAttentionParams p;
@@ -152,15 +158,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(const at::Tensor& grad_o
   check_inputs(q_in, k_in, v_in, ctx_lens, scale);
   check_backward(grad_out, grad_lse, q_in, out_in, lse_in);
   const c10::cuda::CUDAGuard guard(q_in.device());
-  const at::Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in), v = last_dim_contiguous(v_in);
-  const at::Tensor out = last_dim_contiguous(out_in.to(q.scalar_type()));
-  const at::Tensor g = last_dim_contiguous(grad_out.to(q.scalar_type()));
+  const at::Tensor q = kernel_layout(q_in), k = kernel_layout(k_in), v = kernel_layout(v_in);
+  const at::Tensor out = kernel_layout(out_in.to(q.scalar_type()));
+  const at::Tensor g = kernel_layout(grad_out.to(q.scalar_type()));
   const at::Tensor lse = lse_in.to(at::kFloat).contiguous();
   const at::Tensor glse = grad_lse.to(at::kFloat).contiguous();
   at::Tensor dq = at::empty(q.sizes(), q.options());
   at::Tensor dk = at::empty(k.sizes(), k.options());
   at::Tensor dv = at::empty(v.sizes(), v.options());
   at::Tensor delta = at::empty({q.size(0), q.size(2), q.size(1)}, q.options().dtype(at::kFloat));
+  at::Tensor dq_accum;  // float16/bfloat16: dQ summed over key tiles in float32
+  if (q.scalar_type() != at::kFloat) dq_accum = at::zeros(q.sizes(), q.options().dtype(at::kFloat));
   ContextAttentionBwdParams p;
   p.dtype = cuda_dtype(q);
   p.q = q.data_ptr(); p.k = k.data_ptr(); p.v = v.data_ptr(); p.out = out.data_ptr(); p.grad_out = g.data_ptr();
@@ -170,6 +178,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(const at::Tensor& grad_o
   p.dq = dq.data_ptr(); p.dk = dk.data_ptr(); p.dv = dv.data_ptr();
   LATTE_STRIDES(dq, dq); LATTE_STRIDES(dk, dk); LATTE_STRIDES(dv, dv);
   p.delta = delta.data_ptr<float>();
+  p.dq_accum = dq_accum.defined() ? dq_accum.data_ptr<float>() : nullptr;
   at::Tensor lens;
   set_lens(p, ctx_lens, lens);
   p.B = q.size(0); p.Nq = q.size(1); p.Hq = q.size(2); p.D = q.size(3); p.Nc = k.size(1); p.Hkv = k.size(2);

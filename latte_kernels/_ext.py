@@ -9,11 +9,17 @@
    when torch has no CUDA), done once and cached on disk;
 3. otherwise one ``RuntimeError`` saying how to build it, with the compiler's last lines.
 
+The CUDA kernels are written on CuTe, so a CUDA build needs the CUTLASS headers: ``cutlass_include()``
+finds them (``$CUTLASS_INCLUDE``, ``$CUTLASS_PATH/include``, or the ``nvidia-cutlass`` wheel) and says
+``pip install nvidia-cutlass`` when they are missing. The CPU build needs none of it. ``setup.py``
+reads the compile flags from here, so both builds compile the same way.
+
 Nothing here runs at import time; the result (or the failure) is cached for the process.
 """
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import threading
 from pathlib import Path
@@ -40,6 +46,46 @@ def with_cuda() -> bool:
     return torch.version.cuda is not None and CUDA_HOME is not None
 
 
+CUTLASS_HINT = (
+    "pip install nvidia-cutlass (the headers are all that is used: `pip install --no-deps nvidia-cutlass` "
+    "suffices), or set CUTLASS_INCLUDE to a folder holding cute/ and cutlass/ (CUTLASS_PATH: a CUTLASS checkout)"
+)
+
+
+def _has_headers(path: Path) -> bool:
+    return (path / "cute" / "tensor.hpp").is_file() and (path / "cutlass" / "cutlass.h").is_file()
+
+
+def cutlass_include() -> Path:
+    """The CUTLASS/CuTe include folder the CUDA kernels compile against: ``$CUTLASS_INCLUDE``, else
+    ``$CUTLASS_PATH/include``, else the ``nvidia-cutlass`` wheel's ``cutlass_library/source/include``.
+    A variable that is set must point at the headers. Raises RuntimeError naming the fix."""
+    for var, sub in (("CUTLASS_INCLUDE", ""), ("CUTLASS_PATH", "include")):
+        value = os.environ.get(var)
+        if value:
+            path = Path(value) / sub if sub else Path(value)
+            if not _has_headers(path):
+                raise RuntimeError(f"{var}={value} holds no CUTLASS headers (expected {path}/cute/tensor.hpp); "
+                                   f"{CUTLASS_HINT}")
+            return path
+    spec = importlib.util.find_spec("cutlass_library")  # locates the wheel without importing it
+    if spec is not None and spec.origin:
+        path = Path(spec.origin).resolve().parent / "source" / "include"
+        if _has_headers(path):
+            return path
+    raise RuntimeError(f"building the CUDA kernels needs the CUTLASS (CuTe) headers, which were not found: "
+                       f"{CUTLASS_HINT}")
+
+
+def nvcc_flags(include: Path) -> list:
+    """nvcc flags of the CUDA kernels (sm_80 and sm_90; the SM80 tensor-core path runs on both)."""
+    return ["-O3", "-std=c++17", "-DLATTE_WITH_CUDA", "--expt-relaxed-constexpr", f"-I{include}",
+            # torch's extension flags hide the fp16/bf16 operators CUTLASS's types are built on
+            "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__", "-U__CUDA_NO_HALF2_OPERATORS__",
+            "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
+            "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
+
+
 def _sources(cuda: bool):
     cpp = sorted(str(p) for p in _CSRC.glob("*.cpp"))
     return cpp + (sorted(str(p) for p in _CSRC.glob("*.cu")) if cuda else [])
@@ -53,10 +99,9 @@ def _jit_build() -> None:
     build_dir = _ROOT / "build" / "latte_ext_jit" / tag.replace("+", "_")
     build_dir.mkdir(parents=True, exist_ok=True)
     flags = ["-O3", "-std=c++17"] + (["-DLATTE_WITH_CUDA"] if cuda else [])
-    cuda_flags = ["-O3", "-std=c++17", "-DLATTE_WITH_CUDA", "-gencode=arch=compute_80,code=sm_80",
-                  "-gencode=arch=compute_90,code=sm_90"]
+    cuda_flags = nvcc_flags(cutlass_include()) if cuda else None
     cpp_load(name="latte_ext_jit", sources=_sources(cuda), extra_cflags=flags,
-             extra_cuda_cflags=cuda_flags if cuda else None, build_directory=str(build_dir),
+             extra_cuda_cflags=cuda_flags, build_directory=str(build_dir),
              with_cuda=cuda, is_python_module=False, verbose=False)
 
 

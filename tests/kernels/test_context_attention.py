@@ -329,3 +329,32 @@ def test_cuda_graph_capture_and_replay():
         eager_out, eager_lse = lk.context_attention(*fresh[:3], fresh[3])
         torch.testing.assert_close(out, eager_out, rtol=0, atol=0)
         torch.testing.assert_close(lse, eager_lse, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_paper_shape_gqa6_and_deterministic_dkdv(dtype):
+    # Qwen2-VL-2B: Hq=12, Hkv=2 (one CTA packs the 6 query heads of a group), D=128; lens cross tiles
+    q, k, v, lens = make(2, 130, 1024, 12, 2, 128, dtype, device="cuda", lens=[1024, 333], requires_grad=True)
+    out, lse = lk.context_attention(q, k, v, lens)
+    r_out, r_lse = ref.context_attention(q.detach().double(), k.detach().double(), v.detach().double(), lens)
+    l_out, _ = _lowp_attention(q.detach(), k.detach().nan_to_num(0.0), v.detach().nan_to_num(0.0), lens, 128 ** -0.5)
+    assert_lowp_close(out, l_out, r_out)
+    torch.testing.assert_close(lse.double(), r_lse, atol=1e-4, rtol=1e-4)
+    g = torch.randn_like(out)
+    first = torch.autograd.grad(out, (q, k, v), g, retain_graph=True)
+    second = torch.autograd.grad(out, (q, k, v), g)
+    assert torch.equal(first[1], second[1]) and torch.equal(first[2], second[2]), "dK/dV must be bitwise reproducible"
+    torch.testing.assert_close(first[0], second[0], atol=1e-2, rtol=1e-2)  # dQ: float32 atomics, order may differ
+
+
+@pytest.mark.gpu
+def test_cuda_misaligned_inputs_are_copied_not_misread():
+    # a storage offset of one element breaks 16-byte alignment: the binding copies, the result is exact
+    flat = torch.randn(2 * 33 * 4 * 64 + 1, device="cuda", dtype=torch.float16)
+    q = flat[1:].view(2, 33, 4, 64)
+    k, v = torch.randn(2, 2, 40, 2, 64, device="cuda", dtype=torch.float16).unbind(0)
+    out, lse = lk.context_attention(q, k, v)
+    want, want_lse = lk.context_attention(q.clone(), k, v)
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    torch.testing.assert_close(lse, want_lse, rtol=0, atol=0)
