@@ -71,9 +71,10 @@ def _check_entry(entry, where: str) -> Dict[str, Any]:
     return entry
 
 
-def verify_file(path: str, entry: Optional[Mapping[str, Any]], recorded_in: str) -> None:
+def verify_file(path: str, entry: Optional[Mapping[str, Any]], recorded_in: str, *, hash: bool = True) -> None:
     """Checks the file at ``path`` against its recorded digest ``entry`` (``{"sha256", "bytes"}``,
-    from the file ``recorded_in``); FileNotFoundError if it is missing, ValueError naming it otherwise."""
+    from the file ``recorded_in``); FileNotFoundError if it is missing, ValueError naming it otherwise.
+    ``hash=False`` checks only that it exists at the recorded size (cheap)."""
     if entry is None:
         raise ValueError(
             f"{path}: {recorded_in} records no SHA-256 for it (a checkpoint written before checksums were "
@@ -84,6 +85,10 @@ def verify_file(path: str, entry: Optional[Mapping[str, Any]], recorded_in: str)
     size = os.path.getsize(path)
     if size < entry["bytes"]:
         raise ValueError(f"{path}: truncated, {size} of the {entry['bytes']} bytes recorded in {recorded_in}")
+    if not hash:
+        if size != entry["bytes"]:
+            raise ValueError(f"{path}: {size} bytes, {recorded_in} records {entry['bytes']} (corrupt or replaced)")
+        return
     got = file_digest(path)
     if got["bytes"] != entry["bytes"]:
         raise ValueError(f"{path}: {got['bytes']} bytes, {recorded_in} records {entry['bytes']} (corrupt or replaced)")
@@ -123,17 +128,11 @@ def incomplete_reason(path: str) -> Optional[str]:
     finished save; ``verify_checkpoint`` also hashes the files."""
     try:
         config = read_config(path)
+        files = config.get(FILES_KEY, {})
+        for name in sorted(set(files) | {WEIGHTS_NAME}):
+            verify_file(os.path.join(path, name), files.get(name), os.path.join(path, CONFIG_NAME), hash=False)
     except (OSError, ValueError) as e:
         return str(e)
-    files = config.get(FILES_KEY) or {}
-    if WEIGHTS_NAME not in files:
-        return f"{os.path.join(path, CONFIG_NAME)} records no SHA-256 for {WEIGHTS_NAME}"
-    for name, entry in sorted(files.items()):
-        f = os.path.join(path, name)
-        if not os.path.isfile(f):
-            return f"{f}: missing"
-        if os.path.getsize(f) != entry["bytes"]:
-            return f"{f}: {os.path.getsize(f)} bytes, {CONFIG_NAME} records {entry['bytes']}"
     return None
 
 
@@ -305,6 +304,22 @@ def read_config(path: str) -> Dict[str, Any]:
     return config
 
 
+def build_recorded_backbone(path: str, config: Optional[Dict[str, Any]] = None, build=None):
+    """The Qwen2-VL model the checkpoint's ``backbone`` config describes, made by ``build(config)``
+    (default: ``Qwen2VLForConditionalGeneration``); ValueError naming ``config.json`` when the recorded
+    config is missing or transformers refuses it."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    config = read_config(path) if config is None else config
+    where = os.path.join(os.fspath(path), CONFIG_NAME)
+    if config.get("backbone") is None:
+        raise ValueError(f"{where}: records no backbone config")
+    try:
+        return (build or Qwen2VLForConditionalGeneration)(Qwen2VLConfig.from_dict(config["backbone"]))
+    except Exception as e:  # transformers' and huggingface_hub's validation errors are not all ValueErrors
+        raise ValueError(f"{where}: 'backbone' is not a usable Qwen2-VL config ({_first_line(e)})") from None
+
+
 def _load_weights(path: str, config: Dict[str, Any]) -> Dict[str, Tensor]:
     from safetensors.torch import load_file
 
@@ -324,19 +339,22 @@ def load_state(model, path: str, *, strict: bool = True):
         if getattr(saved, name) != getattr(model.cfg, name):
             raise ValueError(f"checkpoint {name}={getattr(saved, name)!r} differs from the model's {getattr(model.cfg, name)!r}")
     state = _load_weights(path, config)
+    weights = os.path.join(os.fspath(path), WEIGHTS_NAME)
     own = model.state_dict()
     unknown = sorted(set(state) - set(own))
     if unknown:
-        raise ValueError(f"checkpoint holds tensors the model lacks: {unknown[:5]}{'...' if len(unknown) > 5 else ''}")
+        raise ValueError(f"{weights}: holds tensors the model lacks: {unknown[:5]}{'...' if len(unknown) > 5 else ''}")
     if strict:
         expected = set(_stored_state(model, config.get("includes_backbone", False)))
         missing = sorted(expected - set(state))
         if missing:
-            raise ValueError(f"checkpoint lacks tensors of the model: {missing[:5]}{'...' if len(missing) > 5 else ''}")
+            raise ValueError(f"{weights}: lacks tensors of the model its config describes: "
+                             f"{missing[:5]}{'...' if len(missing) > 5 else ''}")
     with torch.no_grad():
         for name, t in state.items():
             if own[name].shape != t.shape:
-                raise ValueError(f"{name}: checkpoint shape {tuple(t.shape)} != model shape {tuple(own[name].shape)}")
+                raise ValueError(f"{weights}: {name} has shape {tuple(t.shape)}, the model its config describes "
+                                 f"{tuple(own[name].shape)}")
             own[name].copy_(t)
     return model
 
@@ -356,9 +374,7 @@ def load_checkpoint(path: str, backbone=None, *, device=None, dtype=None, **over
     if backbone is None:
         if not config.get("includes_backbone") or config.get("backbone") is None:
             raise ValueError(f"checkpoint {path!r} does not hold the backbone's weights: pass backbone=")
-        from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
-
-        backbone = Qwen2VLForConditionalGeneration(Qwen2VLConfig.from_dict(config["backbone"]))
+        backbone = build_recorded_backbone(path, config)
     if device is not None or dtype is not None:
         backbone = backbone.to(device=device, dtype=dtype)
     model = LatteFlowModel(backbone, cfg)

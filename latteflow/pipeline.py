@@ -21,7 +21,8 @@ from typing import List, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .checkpoint import CONFIG_NAME, FILES_KEY, load_checkpoint, read_config, verify_checkpoint_file
+from .checkpoint import (CONFIG_NAME, FILES_KEY, WEIGHTS_NAME, build_recorded_backbone, incomplete_reason,
+                         load_checkpoint, read_config, verify_checkpoint_file)
 from .images import to_uint8
 from .model import LatteFlowModel
 from .tokenizer import TOKENIZER_FILENAME, CharTokenizer
@@ -49,23 +50,45 @@ def resolve_checkpoint(name_or_path: Union[str, os.PathLike]) -> str:
 
 
 def _rebuild_backbone(config: dict, path: str, device):
-    from transformers import Qwen2VLConfig
-
     from .backbones import build_backbone
     from .digits import backbone_checksum
 
     meta = config.get("metadata") or {}
     seed, expected = meta.get("backbone_seed"), meta.get("backbone_sha256")
     if config.get("backbone") is None or seed is None or expected is None:
-        raise ValueError(f"checkpoint {path!r} neither stores its backbone nor records its seed and checksum")
-    backbone = build_backbone(Qwen2VLConfig.from_dict(config["backbone"]), seed=int(seed))
+        raise ValueError(f"{os.path.join(path, CONFIG_NAME)}: the checkpoint neither stores its backbone nor records "
+                         f"the seed and SHA-256 to rebuild it (backbone, metadata.backbone_seed / backbone_sha256)")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"{os.path.join(path, CONFIG_NAME)}: metadata.backbone_seed must be a non-negative int, "
+                         f"got {seed!r}")
+    backbone = build_recorded_backbone(path, config, lambda cfg: build_backbone(cfg, seed=seed))
     got = backbone_checksum(backbone)
     if got != expected:
         raise ValueError(
-            f"checkpoint {path!r}: the backbone rebuilt from seed {seed} has SHA-256 {got[:16]}..., the checkpoint "
-            f"was trained on {expected[:16]}... (this torch/transformers draws different random weights; retrain "
-            f"with 'latteflow train')")
+            f"{os.path.join(path, CONFIG_NAME)}: the backbone rebuilt from seed {seed} has SHA-256 {got[:16]}..., the "
+            f"checkpoint was trained on {expected[:16]}... (this torch/transformers draws different random weights; "
+            f"retrain with 'latteflow train')")
     return backbone.to(device)
+
+
+def _autoencoder(config: dict, path: str) -> PixelAutoencoder:
+    """The latent space a checkpoint records (``metadata.autoencoder``; the pixel one by default)."""
+    ae = config["metadata"].get("autoencoder", {"type": "pixel", "in_channels": 1, "patch_size": 1})
+    where = f"{os.path.join(path, CONFIG_NAME)}: metadata.autoencoder"
+    if not isinstance(ae, dict):
+        raise ValueError(f"{where} must be an object, got {ae!r}")
+    if ae.get("type") != "pixel":
+        raise ValueError(f"{where}: type {ae.get('type')!r} is not supported by load_pipeline (only 'pixel')")
+    sizes = {k: ae.get(k, 1) for k in ("in_channels", "patch_size")}
+    for k, v in sizes.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{where}: {k} must be a positive int, got {v!r}")
+    autoencoder = PixelAutoencoder(sizes["in_channels"], sizes["patch_size"])
+    latent = config["latteflow"].get("latent_channels")
+    if autoencoder.latent_channels != latent:
+        raise ValueError(f"{where}: {autoencoder.latent_channels} latent channels, the model's latent_channels is "
+                         f"{latent!r}")
+    return autoencoder
 
 
 def _prompt_set(config: dict, path: str) -> Optional[List[str]]:
@@ -193,6 +216,11 @@ def load_pipeline(checkpoint: Union[str, os.PathLike] = "digits", *, device=None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {str(device)!r} requested but CUDA is not available here")
     config = read_config(path)
+    if WEIGHTS_NAME in config.get(FILES_KEY, {}):  # every recorded file present at its size (hashed as read)
+        problem = incomplete_reason(path)
+        if problem is not None:
+            raise ValueError(problem)
+    autoencoder = _autoencoder(config, path)
     tok_file = os.path.join(path, TOKENIZER_FILENAME)
     if not os.path.isfile(tok_file):
         raise FileNotFoundError(f"checkpoint {path!r} has no {TOKENIZER_FILENAME}")
@@ -209,12 +237,5 @@ def load_pipeline(checkpoint: Union[str, os.PathLike] = "digits", *, device=None
     else:
         model = load_checkpoint(path, _rebuild_backbone(config, path, device), **overrides)
     model = model.to(device)
-    ae = (config.get("metadata") or {}).get("autoencoder", {"type": "pixel", "in_channels": 1, "patch_size": 1})
-    if ae.get("type") != "pixel":
-        raise ValueError(f"checkpoint {path!r}: autoencoder {ae.get('type')!r} is not supported by load_pipeline")
-    autoencoder = PixelAutoencoder(int(ae.get("in_channels", 1)), int(ae.get("patch_size", 1)))
-    if autoencoder.latent_channels != model.cfg.latent_channels:
-        raise ValueError(f"checkpoint {path!r}: autoencoder latent channels {autoencoder.latent_channels} != "
-                         f"model latent_channels {model.cfg.latent_channels}")
     return LatteFlowPipeline(model, tokenizer, autoencoder, path=path, info=config.get("metadata") or {},
                              prompts=prompts)

@@ -143,3 +143,35 @@ def test_load_pipeline_refuses_a_corrupt_file_naming_it(tmp_path, name, corrupt,
     with pytest.raises(ValueError, match=word) as e:
         load_pipeline(path)
     assert f in str(e.value)
+
+
+def _set(path, value):
+    def edit(config):
+        node = config
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = value
+    return edit
+
+
+@pytest.mark.parametrize("edit, word", [
+    (_set(["metadata", "autoencoder"], None), "metadata.autoencoder"),
+    (_set(["metadata", "autoencoder"], []), "metadata.autoencoder"),
+    (_set(["metadata", "autoencoder", "patch_size"], "x"), "patch_size"),
+    (_set(["metadata", "autoencoder", "type"], "dcae"), "'dcae'"),
+    (_set(["latteflow", "latent_channels"], 3), "latent channels"),
+    (_set(["metadata", "backbone_seed"], "zero"), "backbone_seed"),
+    (_set(["backbone", "text_config", "num_hidden_layers"], 3), "'backbone'"),   # huggingface_hub's own error type
+    (_set(["backbone", "text_config", "hidden_size"], 7), "'backbone'"),         # refused when the model is built
+    (_set(["latteflow", "extra", "prompts"], []), "prompts"),
+    (lambda c: c["files"].update({"extra.bin": c["files"]["model.safetensors"]}), "extra.bin"),  # recorded, absent
+])
+def test_load_pipeline_refuses_a_malformed_config_naming_it(tmp_path, edit, word):
+    path = _saved(tmp_path)
+    f = os.path.join(path, "config.json")
+    config = json.load(open(f))
+    edit(config)
+    json.dump(config, open(f, "w"))
+    with pytest.raises(ValueError, match=word) as e:
+        load_pipeline(path)
+    assert path in str(e.value)
