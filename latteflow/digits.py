@@ -209,12 +209,11 @@ def save_digits_model(model: LatteFlowModel, tokenizer: CharTokenizer, path: str
     return save_checkpoint(model, path, metadata=meta, files=files)
 
 
-def _keep_losses(path: str, upto: int) -> None:
-    """Rewrites ``losses.csv`` with its well-formed rows of steps ``<= upto`` (a resumed run writes the
-    later ones again; a kill may have cut the last row short)."""
+def _loss_rows(path: str) -> Dict[int, str]:
+    """``step -> line`` of the well-formed rows of ``losses.csv`` (a kill may have cut the last one short)."""
+    rows: Dict[int, str] = {}
     if not os.path.isfile(path):
-        return
-    kept = []
+        return rows
     with open(path) as f:
         for line in f:
             parts = line.rstrip("\n").split(",")
@@ -224,9 +223,20 @@ def _keep_losses(path: str, upto: int) -> None:
                 step, _ = int(parts[0]), float(parts[1])
             except ValueError:
                 continue
-            if 1 <= step <= upto:
-                kept.append((step, line))
-    atomic_write_bytes(path, "".join(line for _, line in sorted(dict(kept).items())).encode())
+            rows[step] = line
+    return rows
+
+
+def _keep_losses(path: str, upto: int) -> None:
+    """Rewrites ``losses.csv`` with its rows of steps ``<= upto``: a resumed run writes the later ones again."""
+    rows = _loss_rows(path)
+    atomic_write_bytes(path, "".join(rows[s] for s in sorted(rows) if 1 <= s <= upto).encode())
+
+
+def _final_loss(path: str, step: int) -> Optional[float]:
+    """The loss of ``step`` as ``losses.csv`` holds it (also when this call trained nothing)."""
+    line = _loss_rows(path).get(step)
+    return None if line is None else float(line.split(",")[1])
 
 
 RUN_NAME = "run.json"
@@ -361,7 +371,7 @@ def train_digits(out_dir: str, *, steps: int, seed: int = 0, recipe: Optional[Di
         "device": device_description(device),
         "torch": torch.__version__,
         "train_seconds": round(train_seconds, 1),
-        "final_loss": result.losses[-1] if result.losses else None,
+        "final_loss": result.losses[-1] if result.losses else _final_loss(losses_path, result.step),
     }
     if evals and evals[-1]["step"] == steps:
         manifest["eval"] = {k: v for k, v in evals[-1].items() if k != "step"}

@@ -262,6 +262,9 @@ def test_resume_keeps_the_run_settings(trained, tmp_path, capsys):
     _one_line_error(capsys, main(args + ["--steps", "2"]), "steps=2", "step 3")  # below the step it reached
     assert main(args + ["--steps", "4"]) == 0  # the same settings resume
     assert "trained 1 step (now at step 4)" in capsys.readouterr().out
+    assert main(args + ["--steps", "4"]) == 0  # nothing left to train: the model is exported again
+    out = capsys.readouterr().out
+    assert "trained 0 steps (now at step 4)" in out and "final loss none" not in out
 
 
 def test_bench_missing_module_is_one_line(monkeypatch, capsys):
