@@ -362,7 +362,7 @@ def select_modes(args: argparse.Namespace, setup: Setup) -> List[Mode]:
             continue
         out.append(m)
     if not out:
-        raise ValueError("no mode left to run (see --modes, --no-compile, --small)")
+        raise ValueError("--modes / --no-compile / --small leave no mode to run on this device")
     return out
 
 

@@ -21,6 +21,7 @@ import argparse
 import os
 import shlex
 import sys
+import tempfile
 import time
 from typing import List, Optional, Sequence
 
@@ -49,8 +50,11 @@ def _png_out(path: str, flag: str = "--out") -> str:
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"{flag}: folder {folder!r} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise PermissionError(f"{flag}: folder {folder!r} is not writable")
+    try:  # the grid is written atomically through a temporary sibling: try one now, not after sampling
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise PermissionError(f"{flag}: cannot write into folder {folder!r} ({e.strerror or e})") from None
     return path
 
 

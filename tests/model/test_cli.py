@@ -82,6 +82,8 @@ def test_sample_and_eval(trained, tmp_path, capsys):
     (["sample", "--prompt", "digit 7", "--num", "-3", "--out", "x.png"], ["--num", "positive", "-3"]),
     (["sample", "--prompt", "digit 7", "--num", "three", "--out", "x.png"], ["--num", "'three'"]),
     (["sample", "--prompt", "digit 7", "--out", "{tmp}"], ["--out", "is a directory"]),
+    pytest.param(["sample", "--prompt", "digit 7", "--out", "/proc/g.png"], ["--out", "cannot write"],  # even as root
+                 marks=pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux /proc")),
     (["sample", "--out", "{tmp}/g.png", "--checkpoint", "{tmp}/missing"], ["missing"]),
     (["sample", "--prompt", "digit 7", "--out", "{tmp}/g.png", "--steps", "0"], ["--steps", "positive"]),
     (["sample", "--prompt", "digit 7", "--out", "{tmp}/g.png", "--guidance", "inf"], ["--guidance", "finite"]),
@@ -180,7 +182,7 @@ def test_out_is_checked_before_the_checkpoint_is_loaded(tmp_path, capsys, monkey
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="CPU: the CUDA-only modes leave nothing to run")
 def test_bench_with_nothing_to_run_is_one_line(capsys):
     rc = main(["bench", "--modes", "latte-graphs-fused"])
-    _one_line_error(capsys, rc, "no mode left")
+    _one_line_error(capsys, rc, "leave no mode")
 
 
 class _Terminal(io.StringIO):
