@@ -312,3 +312,13 @@ def test_eval_fid_delegates_and_names_what_is_missing(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "Traceback" not in err
     assert err.strip().startswith("latteflow eval --fid: error:") and len(err.strip().splitlines()) == 1
+
+
+def test_sample_distributed_refuses_prompts_outside_the_set(tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("digit 3\na cat\n")
+    rc = main(["sample", "--distributed", "--checkpoint", "digits", "--out", str(tmp_path / "ddp"), "--prompts",
+               str(prompts), "--num-samples", "2", "--steps", "1", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "'a cat'" in err and "'digit 0'" in err, err
+    assert not (tmp_path / "ddp").exists()
