@@ -223,11 +223,11 @@ _KILLED = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("killed_at, resumed_from, trained", [
-    ("ema/step_00000004.safetensors", 2, 2),  # the EMA of step 4 was being written: step 4 never happened
-    ("latest", 4, 1),                         # 'latest' was being replaced for step 4: step_4 is complete
+@pytest.mark.parametrize("killed_at, resumed_from", [
+    ("ema/step_00000004.safetensors", 2),  # the EMA of step 4 was being written: step 4 never happened
+    ("latest", 4),                         # 'latest' was being replaced for step 4: step_4 is complete
 ])
-def test_resume_after_a_kill(killed_at, resumed_from, trained, tmp_path):
+def test_resume_after_a_kill(killed_at, resumed_from, tmp_path):
     out = tmp_path / "run"
     args = ["train", "--data", "digits", "--out", str(out), "--checkpoint-every", "2", "--eval-per-class", "0",
             "--no-progress"]
@@ -251,7 +251,6 @@ def test_resume_after_a_kill(killed_at, resumed_from, trained, tmp_path):
     ckpts = sorted(n for n in os.listdir(out / "checkpoints") if n.startswith("step_"))
     assert ckpts == ["step_00000004", "step_00000005"]
     assert sorted(os.listdir(out / "checkpoints" / "ema")) == [n + ".safetensors" for n in ckpts]
-    del trained
 
 
 def test_resume_keeps_the_run_settings(trained, tmp_path, capsys):
