@@ -2,7 +2,8 @@
 
     python -m benchmarks.e2e                 # CUDA: the paper configuration, rows to benchmarks/results/<gpu>.csv
     python -m benchmarks.e2e --no-compile    # skip the torch.compile mode (its max-autotune compile takes minutes)
-    python -m benchmarks.e2e --small         # the small configuration (what a CPU-only machine always runs)
+    python -m benchmarks.e2e --small         # the small configuration (what a CPU-only machine always runs);
+                                             # rows to --out, else to a new temporary folder (printed)
 
 The paper configuration (SPEC 5): a random-weight backbone with the text shapes of Qwen2-VL-2B
 (``paper_qwen2vl_config()``: 28 layers, hidden 1536, 12 heads, 2 KV heads, head_dim 128, MLP 8960;
@@ -300,12 +301,14 @@ def _uncompiled(model) -> None:
 # main
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.e2e", description=__doc__.split("\n\n")[0],
-                                     epilog="See the module docstring (or benchmarks/README.md) for what is timed.")
+def build_parser(prog: str = "python -m benchmarks.e2e",
+                 parser_class: type = argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The command line; ``latteflow bench`` passes its own name and a parser class whose errors are one line."""
+    parser = parser_class(prog=prog, description=__doc__.split("\n\n")[0],
+                          epilog="See the module docstring (or benchmarks/README.md) for what is timed.")
     parser.add_argument("--small", action="store_true",
                         help="tiny backbone, K=4, 4x4 grid, T=4, batch 2, float32, eager modes only "
-                             "(always on without CUDA); rows go to a temp file unless --out is given")
+                             "(always on without CUDA); rows go to a new temporary folder unless --out is given")
     parser.add_argument("--batch", type=positive_int, nargs="+", default=None,
                         help="batch sizes (default: 1 50; small: 2)")
     parser.add_argument("--steps", type=positive_int, default=None, help="Euler steps T (default 40; small: 4)")
@@ -322,8 +325,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                              "file for small/CPU runs)")
     parser.add_argument("--out", type=Path, default=None,
                         help="CSV to append rows to (default: benchmarks/results/<gpu>.csv for the paper "
-                             "configuration on CUDA, a temp file otherwise)")
-    return parser.parse_args(argv)
+                             "configuration on CUDA, else e2e_smoke.csv in a new temporary folder, printed)")
+    return parser
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def make_setup(args: argparse.Namespace) -> Setup:
@@ -355,21 +362,20 @@ def select_modes(args: argparse.Namespace, setup: Setup) -> List[Mode]:
             continue
         out.append(m)
     if not out:
-        raise SystemExit("no mode left to run (see --modes, --no-compile, --small)")
+        raise ValueError("--modes / --no-compile / --small leave no mode to run on this device")
     return out
 
 
 def _out_paths(args: argparse.Namespace, setup: Setup) -> Tuple[Path, Path]:
-    """(CSV, profile text): results/ only for the paper configuration on CUDA."""
+    """(CSV, profile text): results/ only for the paper configuration on CUDA; a smoke run without
+    ``--out`` writes into a new temporary folder of its own (never a fixed, shared /tmp name)."""
     real = setup.device.type == "cuda" and not setup.small
-    csv_path = args.out or (results_path(setup.device) if real else Path(tempfile.gettempdir()) / "e2e_smoke.csv")
     if args.out is not None:
-        profile_path = args.out.with_name(f"{args.out.stem}_e2e_profile.txt")
-    elif real:
-        profile_path = RESULTS_DIR / f"{results_path(setup.device).stem}_e2e_profile.txt"
-    else:
-        profile_path = Path(tempfile.gettempdir()) / "e2e_smoke_profile.txt"
-    return csv_path, profile_path
+        return args.out, args.out.with_name(f"{args.out.stem}_e2e_profile.txt")
+    if real:
+        return results_path(setup.device), RESULTS_DIR / f"{results_path(setup.device).stem}_e2e_profile.txt"
+    folder = Path(tempfile.mkdtemp(prefix="latteflow_e2e_smoke_"))
+    return folder / "e2e_smoke.csv", folder / "e2e_smoke_profile.txt"
 
 
 def _profile(fn: Callable[[], object], device: torch.device, title: str, path: Path) -> None:
@@ -409,11 +415,17 @@ def _decode(setup: Setup, batch: int, csv_path: Path) -> Optional[Dict[str, floa
     return t
 
 
-def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, object]]:
-    """Runs the benchmark; returns one dict per (mode, batch) with its timing, floor and speedup."""
-    args = parse_args(argv)
+def main(argv: Optional[Sequence[str]] = None,
+         parser: Optional[argparse.ArgumentParser] = None) -> List[Dict[str, object]]:
+    """Runs the benchmark; returns one dict per (mode, batch) with its timing, floor and speedup.
+    ``parser``: the command line to parse ``argv`` with (default ``build_parser()``)."""
+    parser = parser or build_parser()
+    args = parser.parse_args(argv)
     setup = make_setup(args)
-    modes = select_modes(args, setup)
+    try:
+        modes = select_modes(args, setup)
+    except ValueError as e:
+        parser.error(str(e))
     csv_path, profile_path = _out_paths(args, setup)
     dev = setup.device
     label = device_name(dev)

@@ -6,18 +6,22 @@ import argparse
 import math
 
 
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
 def positive_int(text: str) -> int:
-    v = nonneg_int(text)
+    v = _int(text)
     if v < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {v}")
+        raise argparse.ArgumentTypeError(f"must be a positive integer (1 or more), got {v}")
     return v
 
 
 def nonneg_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    v = _int(text)
     if v < 0:
         raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {v}")
     return v

@@ -1,6 +1,7 @@
 """``latteflow``: the command line (SPEC 3.1). Subcommands:
 
-    latteflow sample --prompt "digit 7" --num 16 --out grid.png [--steps 40 --guidance 5 --seed 0 --checkpoint digits]
+    latteflow sample [--prompt "digit 7" ...] --num 16 --out grid.png [--steps 40 --guidance 5 --seed 0]
+                     [--checkpoint digits] (no --prompt: up to 10 of the checkpoint's prompt set)
     latteflow train --data digits --out DIR --steps N --seed S [--resume ...]
     latteflow eval [--checkpoint digits --per-class 50 --steps 40 --guidance 5 --seed 0]
     latteflow bench ...            (benchmarks.e2e)
@@ -9,7 +10,10 @@
     latteflow eval --fid ...             (torch-fidelity scores: latteflow.fid)
 
 Bad input (arguments, paths, checkpoints, prompts) prints one ``latteflow: error: ...`` line on stderr
-and exits with status 2; ``LATTEFLOW_DEBUG=1`` re-raises instead, with the traceback.
+(a bad argument ends with where its usage is, e.g. ``(see 'latteflow bench --help')``) and exits with
+status 2; ``LATTEFLOW_DEBUG=1`` re-raises instead, with the traceback. Loops longer than a
+few seconds (training, sampling many images, eval) show tqdm bars on stderr when it is a terminal;
+``--no-progress`` turns them off.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import argparse
 import os
 import shlex
 import sys
+import tempfile
 import time
 from typing import List, Optional, Sequence
 
@@ -24,6 +29,7 @@ from .argtypes import finite_float, nonneg_int, positive_float, positive_int
 
 PROG = "latteflow"
 EXIT_USAGE = 2
+DEFAULT_PROMPTS = 10  # sample without --prompt: this many of a class-conditional checkpoint's prompts
 
 
 class UsageError(ValueError):
@@ -32,15 +38,23 @@ class UsageError(ValueError):
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # argparse prints usage and exits; we want one line and our exit path
-        raise UsageError(f"{self.prog}: {message}")
+        raise UsageError(f"{message} (see '{self.prog} --help')")
 
 
 def _png_out(path: str, flag: str = "--out") -> str:
+    """Checks up front (before any sampling) that ``path`` can become a PNG file."""
+    if os.path.isdir(path):
+        raise ValueError(f"{flag} {path!r} is a directory: name a .png file (e.g. {os.path.join(path, 'grid.png')!r})")
     if not path.lower().endswith(".png"):
         raise ValueError(f"{flag} must name a .png file, got {path!r}")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"{flag}: folder {folder!r} does not exist")
+    try:  # the grid is written atomically through a temporary sibling: try one now, not after sampling
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise PermissionError(f"{flag}: cannot write into folder {folder!r} ({e.strerror or e})") from None
     return path
 
 
@@ -56,6 +70,7 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance", type=finite_float, default=5.0, help="classifier-free guidance weight (default 5)")
     p.add_argument("--seed", type=nonneg_int, default=0, help="seed of the initial noise (default 0)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,8 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     p = sub.add_parser("sample", help="generate images for prompts and write a PNG grid")
-    p.add_argument("--prompt", action="append", required=True,
-                   help="prompt, e.g. 'digit 7' (repeat for several; --num images each)")
+    p.add_argument("--prompt", action="append", default=None,
+                   help="prompt, e.g. 'digit 7' (repeat for several; --num images each; default: up to "
+                        f"{DEFAULT_PROMPTS} of the checkpoint's prompt set, all ten digits for 'digits')")
     p.add_argument("--num", type=positive_int, default=16, help="images per prompt (default 16)")
     p.add_argument("--out", required=True, help="PNG file to write (its folder must exist)")
     p.add_argument("--distributed", action="store_true",
@@ -89,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-per-class", type=nonneg_int, default=50,
                    help="score the result with this many samples per class (0: skip)")
     p.add_argument("--eval-steps", type=positive_int, default=40)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     p.add_argument("--distributed", action="store_true",
                    help="DDP / FSDP2 training under torchrun (latteflow.train_ddp; see its --help)")
 
@@ -110,19 +126,26 @@ def _cmd_sample(a) -> int:
     import torch
 
     from .images import save_image_grid
-    from .pipeline import load_pipeline
+    from .pipeline import load_pipeline, sample_prompts
 
     _png_out(a.out)
     pipe = load_pipeline(a.checkpoint, device=a.device)
-    prompts = [p for p in pipe.check_prompts(a.prompt) for _ in range(a.num)]
+    if a.prompt is None:
+        if pipe.prompts is None:
+            raise UsageError(f"--prompt is required: checkpoint {a.checkpoint!r} records no prompt set to sample from")
+        chosen = sample_prompts(pipe.prompts, DEFAULT_PROMPTS)
+        print(f"no --prompt: sampling {len(chosen)} of the checkpoint's {len(pipe.prompts)} prompts, one row each")
+    else:
+        chosen = pipe.check_prompts(a.prompt)
+    prompts = [p for p in chosen for _ in range(a.num)]
     if pipe.device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    images = pipe(prompts, steps=a.steps, guidance=a.guidance, seed=a.seed)
+    images = pipe(prompts, steps=a.steps, guidance=a.guidance, seed=a.seed, progress=not a.no_progress)
     if pipe.device.type == "cuda":
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
-    save_image_grid(images, a.out, ncols=a.num if len(a.prompt) > 1 else None)
+    save_image_grid(images, a.out, ncols=a.num if len(chosen) > 1 else None)
     print(f"{len(prompts)} images in {dt:.2f} s = {dt / len(prompts):.4f} s/img "
           f"(steps {a.steps}, guidance {a.guidance:g}, seed {a.seed}; {_device_words(pipe.device)}; prompt context "
           f"included, first call) -> {a.out}")
@@ -146,8 +169,11 @@ def _cmd_train(a, argv: Sequence[str]) -> int:
                      ema_decay=a.ema, checkpoint_every=a.checkpoint_every, resume=a.resume,
                      eval_per_class=a.eval_per_class, eval_steps=a.eval_steps, progress=not a.no_progress,
                      command=command)
-    print(f"trained {a.steps} steps in {m['train_seconds']:.1f} s ({m['device']}); final loss "
-          f"{m['final_loss'] if m['final_loss'] is None else round(m['final_loss'], 4)}; model -> {m['model_dir']}")
+    n = m["trained_steps"]
+    now = "" if m["resumed_from_step"] is None else f" (now at step {m['steps']})"
+    loss = "none" if m["final_loss"] is None else f"{m['final_loss']:.4f}"
+    print(f"trained {n} step{'' if n == 1 else 's'}{now} in {m['train_seconds']:.1f} s ({m['device']}); "
+          f"final loss {loss}; model -> {m['model_dir']}")
     if "eval" in m:
         _print_scores(m["eval"], m["device"])
     return 0
@@ -169,7 +195,8 @@ def _cmd_eval(a) -> int:
         _png_out(a.out)
     pipe = load_pipeline(a.checkpoint, device=a.device)
     contexts = PromptContexts(pipe.model, pipe.tokenizer)
-    r = evaluate_model(pipe.model, contexts, per_class=a.per_class, steps=a.steps, guidance=a.guidance, seed=a.seed)
+    r = evaluate_model(pipe.model, contexts, per_class=a.per_class, steps=a.steps, guidance=a.guidance, seed=a.seed,
+                       progress=not a.no_progress)
     _print_scores(r, _device_words(pipe.device))
     if a.out is not None:
         import torch
@@ -180,10 +207,13 @@ def _cmd_eval(a) -> int:
 
         k = min(a.per_class, 10)
         labels = torch.arange(NUM_CLASSES).repeat_interleave(k)
-        save_image_grid(sample_labels(pipe.model, contexts, labels, steps=a.steps, guidance=a.guidance, seed=a.seed),
-                        a.out, ncols=k)
+        save_image_grid(sample_labels(pipe.model, contexts, labels, steps=a.steps, guidance=a.guidance, seed=a.seed,
+                                      progress=not a.no_progress), a.out, ncols=k)
         print(f"grid of {k} per class -> {a.out}")
     return 0
+
+
+BENCH_PROG = f"{PROG} bench"
 
 
 def _cmd_bench(a) -> int:
@@ -193,7 +223,7 @@ def _cmd_bench(a) -> int:
         e2e = importlib.import_module("benchmarks.e2e")
     except ImportError as e:
         raise UsageError(f"bench needs the benchmarks.e2e module, which is not importable here ({e})") from None
-    rc = e2e.main(list(a.args))
+    rc = e2e.main(list(a.args), parser=e2e.build_parser(BENCH_PROG, _Parser))
     return int(rc) if isinstance(rc, int) else 0
 
 

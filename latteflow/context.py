@@ -158,9 +158,15 @@ def text_model(backbone):
 
 
 def _vlm(backbone):
-    """The module whose forward takes input_ids + pixel_values and returns past_key_values without
+    """The module whose forward takes input_ids + pixel_values and returns the KV cache without
     the LM head: ``Qwen2VLModel`` in both layouts."""
     return getattr(backbone, "model", backbone)
+
+
+def output_cache(out):
+    """The KV cache of a transformers model output, without the deprecation warning: the field is
+    ``cache`` as of transformers 5.2x and ``past_key_values`` before (5.17, the GPU machine's)."""
+    return out["cache"] if "cache" in out else out["past_key_values"]
 
 
 def _cache_kv(cache, layer: int) -> Tuple[Tensor, Tensor]:
@@ -240,7 +246,7 @@ def build_context(
     out = _vlm(backbone)(
         input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True, return_dict=True, **kwargs
     )
-    cache = out.past_key_values
+    cache = output_cache(out)
     keys: List[Tensor] = []
     values: List[Tensor] = []
     for layer in range(len(text_model(backbone).layers)):

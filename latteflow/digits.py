@@ -7,8 +7,12 @@ the shipped checkpoint and ``latteflow/experiments.py``.
 - Latents: the pixel autoencoder (1 channel, patch 1): 8x8 digits in [-1, 1] = 64 image tokens.
 - The frozen backbone's context for the 10 prompts and the null prompt is built once; a training batch
   gathers its rows (same numbers as building it per batch, without the repeated forward).
-- EMA of the trainable weights (the exported model uses them); the EMA is saved beside every
-  periodic checkpoint so ``--resume`` continues it exactly.
+- EMA of the trainable weights (the exported model uses them); ``latteflow.train`` saves it beside
+  every periodic checkpoint so ``--resume`` continues it exactly.
+- An output folder: ``checkpoints/`` (``step_<k>`` and ``ema/``, see ``latteflow.train``),
+  ``losses.csv`` (``step,loss``, one row per step: a resume drops the rows after its checkpoint) and
+  ``model/`` (the exported EMA model with ``tokenizer.json`` and ``MANIFEST.json``, saved atomically).
+  A run first removes what a killed run left (temporaries, EMA files of unfinished checkpoints).
 """
 from __future__ import annotations
 
@@ -23,15 +27,16 @@ import torch
 from torch import Tensor
 
 from .backbones import build_backbone, tiny_qwen2vl_config
-from .checkpoint import atomic_write_bytes, save_checkpoint
+from .checkpoint import atomic_write_bytes, clean_temporaries, save_checkpoint
 from .config import LatteFlowConfig
 from .context import Context
 from .data import DIGIT_PROMPTS, GRID_HW, NUM_CLASSES, load_digits_split
 from .model import LatteFlowModel
-from .tokenizer import CharTokenizer
+from .tokenizer import TOKENIZER_FILENAME, CharTokenizer
+from .train import EMA, EMA_DIR
 from .vae import PixelAutoencoder
 
-__all__ = ["DIGITS_BACKBONE", "DigitsRecipe", "PromptContexts", "backbone_checksum", "build_digits_model",
+__all__ = ["DIGITS_BACKBONE", "EMA", "DigitsRecipe", "PromptContexts", "backbone_checksum", "build_digits_model",
            "digits_backbone_config", "evaluate_model", "sample_labels", "train_digits"]
 
 # The shrunk Qwen2-VL text shapes of the digits model (head_dim 16; mrope_section sums to 8). The random
@@ -40,10 +45,10 @@ __all__ = ["DIGITS_BACKBONE", "DigitsRecipe", "PromptContexts", "backbone_checks
 # tokens (measured: conditional accuracy at chance after 300 steps at 0.02 and 0.1, 0.79 at 0.3).
 DIGITS_BACKBONE = dict(hidden_size=64, num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2,
                        intermediate_size=128, mrope_section=[2, 3, 3], initializer_range=0.3)
-EMA_DIR = "ema"
 MODEL_DIR = "model"
 CHECKPOINT_DIR = "checkpoints"
 MANIFEST_NAME = "MANIFEST.json"
+LOSSES_NAME = "losses.csv"
 
 
 def digits_backbone_config(tokenizer: Optional[CharTokenizer] = None):
@@ -124,70 +129,29 @@ def make_batches(model: LatteFlowModel, tokenizer: CharTokenizer, batch_size: in
 
 
 # ------------------------------------------------------------------------------------------------
-# EMA
-class EMA:
-    """Exponential moving average of the trainable weights, decay ``min(decay, (1 + n) / (10 + n))``."""
-
-    def __init__(self, model: LatteFlowModel, decay: float):
-        if not 0.0 <= decay < 1.0:
-            raise ValueError(f"ema decay must lie in [0, 1), got {decay!r}")
-        self.decay = decay
-        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
-        params = dict(model.named_parameters())
-        self.shadow = {n: params[n].detach().clone() for n in self.names}
-        self.updates = 0
-
-    @torch.no_grad()
-    def update(self, model: LatteFlowModel) -> None:
-        self.updates += 1
-        d = min(self.decay, (1.0 + self.updates) / (10.0 + self.updates))
-        params = dict(model.named_parameters())
-        for n in self.names:
-            self.shadow[n].lerp_(params[n].detach(), 1.0 - d)
-
-    @torch.no_grad()
-    def copy_to(self, model: LatteFlowModel) -> None:
-        params = dict(model.named_parameters())
-        for n in self.names:
-            params[n].copy_(self.shadow[n])
-
-    def save(self, path: str) -> None:
-        from safetensors.torch import save
-
-        meta = {"updates": str(self.updates), "decay": repr(self.decay)}
-        atomic_write_bytes(path, save({n: t.contiguous().cpu() for n, t in self.shadow.items()}, metadata=meta))
-
-    def load(self, path: str) -> None:
-        from safetensors import safe_open
-
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
-            for n in self.names:
-                self.shadow[n].copy_(f.get_tensor(n))
-        self.updates = int(meta.get("updates", 0))
-
-
-# ------------------------------------------------------------------------------------------------
 # sampling and scoring
 def sample_labels(model: LatteFlowModel, contexts: PromptContexts, labels: Tensor, *, steps: int = 40,
-                  guidance: float = 5.0, seed: int = 0, batch_size: int = 250) -> Tensor:
+                  guidance: float = 5.0, seed: int = 0, batch_size: int = 250, progress: bool = False) -> Tensor:
     """float32 images ``(N, 1, 8, 8)`` in [-1, 1] for the digits ``labels``; the noise comes from one CPU
-    generator seeded with ``seed`` (so the images do not depend on ``batch_size`` or the device)."""
-    from .sampler import sample
+    generator seeded with ``seed`` (so the images do not depend on ``batch_size`` or the device).
+    ``progress``: one tqdm bar over all chunks' steps."""
+    from .sampler import progress_bar, sample
 
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn((len(labels), 1, *GRID_HW), generator=g)
     out = []
-    for i in range(0, len(labels), batch_size):
-        ctx = contexts.for_labels(labels[i:i + batch_size])
-        x = sample(model, ctx, contexts.null, steps=steps, guidance=guidance,
-                   noise=noise[i:i + batch_size].to(model.device))
-        out.append(PixelAutoencoder(1, 1).decode(x.cpu()))
+    chunks = range(0, len(labels), batch_size)
+    with progress_bar(len(chunks) * steps, "sampling", progress) as bar:
+        for i in chunks:
+            ctx = contexts.for_labels(labels[i:i + batch_size])
+            x = sample(model, ctx, contexts.null, steps=steps, guidance=guidance,
+                       noise=noise[i:i + batch_size].to(model.device), progress=bar)
+            out.append(PixelAutoencoder(1, 1).decode(x.cpu()))
     return torch.cat(out).clamp(-1.0, 1.0)
 
 
 def evaluate_model(model: LatteFlowModel, contexts: PromptContexts, *, per_class: int = 50, steps: int = 40,
-                   guidance: float = 5.0, seed: int = 0) -> Dict[str, float]:
+                   guidance: float = 5.0, seed: int = 0, progress: bool = False) -> Dict[str, float]:
     """Samples ``per_class`` digits of each class and scores them (``latteflow.evaluate``); adds the
     sampling seconds per image."""
     from .evaluate import evaluate
@@ -195,7 +159,7 @@ def evaluate_model(model: LatteFlowModel, contexts: PromptContexts, *, per_class
     labels = torch.arange(NUM_CLASSES).repeat_interleave(per_class)
     model.eval()
     t0 = time.perf_counter()
-    images = sample_labels(model, contexts, labels, steps=steps, guidance=guidance, seed=seed)
+    images = sample_labels(model, contexts, labels, steps=steps, guidance=guidance, seed=seed, progress=progress)
     dt = time.perf_counter() - t0
     r = evaluate(images, labels)
     return dict(r.as_dict(), seconds_per_image=dt / len(labels), steps=steps, guidance=guidance, seed=seed,
@@ -232,15 +196,70 @@ def _positive(name: str, value, allow_zero: bool = False) -> int:
 
 
 def save_digits_model(model: LatteFlowModel, tokenizer: CharTokenizer, path: str, recipe: DigitsRecipe,
-                      metadata: Optional[dict] = None) -> str:
+                      metadata: Optional[dict] = None, manifest: Optional[dict] = None) -> str:
     """A checkpoint ``load_pipeline`` reads: the generation path (safetensors + config.json, backbone
-    seed and checksum in its metadata) and ``tokenizer.json``."""
+    seed and checksum in its metadata), ``tokenizer.json`` and ``MANIFEST.json`` (when given), written
+    in one atomic save."""
     meta = dict(metadata or {})
     meta.update(backbone_seed=recipe.backbone_seed, backbone_sha256=backbone_checksum(model.backbone),
                 autoencoder={"type": "pixel", "in_channels": 1, "patch_size": 1})
-    save_checkpoint(model, path, metadata=meta)
-    tokenizer.save(os.path.join(path, "tokenizer.json"))
-    return path
+    files = {TOKENIZER_FILENAME: json.dumps(tokenizer.to_dict(), indent=1, ensure_ascii=False).encode("utf-8")}
+    if manifest is not None:
+        files[MANIFEST_NAME] = json.dumps(manifest, indent=2).encode()
+    return save_checkpoint(model, path, metadata=meta, files=files)
+
+
+def _loss_rows(path: str) -> Dict[int, str]:
+    """``step -> line`` of the well-formed rows of ``losses.csv`` (a kill may have cut the last one short)."""
+    rows: Dict[int, str] = {}
+    if not os.path.isfile(path):
+        return rows
+    with open(path) as f:
+        for line in f:
+            parts = line.rstrip("\n").split(",")
+            if not line.endswith("\n") or len(parts) != 2:
+                continue
+            try:
+                step, _ = int(parts[0]), float(parts[1])
+            except ValueError:
+                continue
+            rows[step] = line
+    return rows
+
+
+def _keep_losses(path: str, upto: int) -> None:
+    """Rewrites ``losses.csv`` with its rows of steps ``<= upto``: a resumed run writes the later ones again."""
+    rows = _loss_rows(path)
+    atomic_write_bytes(path, "".join(rows[s] for s in sorted(rows) if 1 <= s <= upto).encode())
+
+
+def _final_loss(path: str, step: int) -> Optional[float]:
+    """The loss of ``step`` as ``losses.csv`` holds it (also when this call trained nothing)."""
+    line = _loss_rows(path).get(step)
+    return None if line is None else float(line.split(",")[1])
+
+
+RUN_NAME = "run.json"
+_RUN_KEYS = {"seed": "--seed", "batch_size": "--batch-size", "lr": "--lr", "ema_decay": "--ema",
+             "recipe": "--variant / --groups / --no-residual-attention / --backbone-seed"}
+
+
+def _check_same_run(out_dir: str, settings: dict) -> None:
+    """A resumed run must use the settings its checkpoints were trained with (``run.json``)."""
+    path = os.path.join(out_dir, RUN_NAME)
+    if not os.path.isfile(path):
+        return
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: not readable JSON ({e})") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path}: must hold a JSON object")
+    for key, flag in _RUN_KEYS.items():
+        if key in saved and saved[key] != settings[key]:
+            raise ValueError(f"resume: {flag} must stay as the run was started ({key} {saved[key]!r}, now "
+                             f"{settings[key]!r}; see {path})")
 
 
 def train_digits(out_dir: str, *, steps: int, seed: int = 0, recipe: Optional[DigitsRecipe] = None,
@@ -250,11 +269,13 @@ def train_digits(out_dir: str, *, steps: int, seed: int = 0, recipe: Optional[Di
                  log: Callable[[str], None] = print) -> dict:
     """Trains a digits model into ``out_dir``: periodic checkpoints (with EMA) under ``checkpoints/``,
     the per-step losses in ``losses.csv``, the exported EMA model in ``model/`` with ``MANIFEST.json``
-    (command, commit, seed, steps, wall time, device, scores of ``eval_per_class`` samples per class;
-    0 skips all scoring). ``eval_at``: steps at which the EMA model is also scored (experiments); a
-    score at the last step doubles as the final one.
+    (command, commit, seed, steps, steps trained by this call, wall time, device, scores of
+    ``eval_per_class`` samples per class; 0 skips all scoring). ``resume`` continues from the newest
+    complete checkpoint (with the settings the run was started with, kept in ``run.json``).
+    ``eval_at``: steps at which the EMA model is also scored (experiments); a score at the last step
+    doubles as the final one. ``progress``: tqdm bars (training, scoring) when stderr is a terminal.
     Returns the manifest (with ``evals``, the scores at ``eval_at``)."""
-    from .train import latest_checkpoint, train
+    from .train import checkpoint_steps, latest_checkpoint, train
 
     recipe = recipe or DigitsRecipe()
     for name, v, zero in (("steps", steps, False), ("batch_size", batch_size, False),
@@ -269,9 +290,29 @@ def train_digits(out_dir: str, *, steps: int, seed: int = 0, recipe: Optional[Di
         raise TypeError(f"out_dir must be a path, got {out_dir!r}")
     out_dir = os.path.abspath(os.fspath(out_dir))
     ckpt_dir = os.path.join(out_dir, CHECKPOINT_DIR)
-    if not resume and latest_checkpoint(ckpt_dir) is not None:
+    settings = {"seed": seed, "batch_size": batch_size, "lr": lr, "ema_decay": ema_decay,
+                "recipe": {"variant": recipe.variant, "num_groups": recipe.num_groups,
+                           "residual_attention": recipe.residual_attention, "backbone_seed": recipe.backbone_seed}}
+    if not resume and checkpoint_steps(ckpt_dir):
         raise ValueError(f"out {out_dir!r} already holds checkpoints: pass resume to continue, or choose a new folder")
+    if resume:
+        _check_same_run(out_dir, settings)
     os.makedirs(os.path.join(ckpt_dir, EMA_DIR), exist_ok=True)
+    clean_temporaries(out_dir)  # a killed export of model/, or of run.json / losses.csv
+    clean_temporaries(os.path.join(out_dir, MODEL_DIR))
+    start = latest_checkpoint(ckpt_dir) if resume else None
+    step0 = 0 if start is None else int(os.path.basename(start).split("_")[1])
+    if step0 > steps:
+        raise ValueError(f"steps={steps} is below step {step0} of the checkpoint to resume ({start})")
+    losses_path = os.path.join(out_dir, LOSSES_NAME)
+    if start is None:
+        if resume:
+            log(f"nothing to resume in {ckpt_dir}: starting at step 0")
+        atomic_write_bytes(os.path.join(out_dir, RUN_NAME), json.dumps(settings, indent=2).encode())
+        atomic_write_bytes(losses_path, b"")
+    else:
+        _keep_losses(losses_path, step0)
+        log(f"resuming from {start} (step {step0})")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     t_start = time.perf_counter()
     commit = git_commit()  # before training: the code that trains, not what the tree holds at the end
@@ -279,24 +320,15 @@ def train_digits(out_dir: str, *, steps: int, seed: int = 0, recipe: Optional[Di
     data = make_batches(model, tok, batch_size, seed)
     contexts = PromptContexts(model, tok)
     ema = EMA(model, ema_decay)
-    start = latest_checkpoint(ckpt_dir) if resume else None
-    if start is not None:
-        step0 = int(os.path.basename(start).split("_")[1])
-        ema_file = os.path.join(ckpt_dir, EMA_DIR, f"step_{step0:08d}.safetensors")
-        if not os.path.isfile(ema_file):
-            raise FileNotFoundError(f"resume: {ema_file!r} is missing (the EMA of the latest checkpoint)")
-        ema.load(ema_file)
-        log(f"resuming from {start} (step {step0})")
     eval_at = sorted({int(s) for s in eval_at})
     evals: List[dict] = []
-    losses_path = os.path.join(out_dir, "losses.csv")
 
     def scored(step: int) -> dict:
         backup = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         ema.copy_to(model)
         try:
             r = evaluate_model(model, contexts, per_class=eval_per_class, steps=eval_steps,
-                               guidance=guidance, seed=seed)
+                               guidance=guidance, seed=seed, progress=progress)
         finally:
             params = dict(model.named_parameters())
             with torch.no_grad():
@@ -307,11 +339,8 @@ def train_digits(out_dir: str, *, steps: int, seed: int = 0, recipe: Optional[Di
         return r
 
     def callback(step: int, loss: float) -> None:
-        ema.update(model)
         with open(losses_path, "a") as f:
             f.write(f"{step},{loss:.6f}\n")
-        if checkpoint_every and (step % checkpoint_every == 0 or step == steps):
-            ema.save(os.path.join(ckpt_dir, EMA_DIR, f"step_{step:08d}.safetensors"))
         if step in eval_at and eval_per_class:
             r = scored(step)
             evals.append(r)
@@ -320,12 +349,9 @@ def train_digits(out_dir: str, *, steps: int, seed: int = 0, recipe: Optional[Di
 
     t_train = time.perf_counter()
     result = train(model, data, steps=steps, lr=lr, checkpoint_dir=ckpt_dir, checkpoint_every=checkpoint_every,
-                   resume=bool(resume), seed=seed, progress=progress, callback=callback)
+                   resume=start if start is not None else False, seed=seed, progress=progress, callback=callback,
+                   ema=ema)
     train_seconds = time.perf_counter() - t_train
-    kept = {f"{d}.safetensors" for d in os.listdir(ckpt_dir) if d.startswith("step_")}
-    for f in os.listdir(os.path.join(ckpt_dir, EMA_DIR)):
-        if f not in kept:
-            os.unlink(os.path.join(ckpt_dir, EMA_DIR, f))
     ema.copy_to(model)
     model.eval()
     manifest = {
@@ -333,7 +359,8 @@ def train_digits(out_dir: str, *, steps: int, seed: int = 0, recipe: Optional[Di
         "commit": commit,
         "seed": seed,
         "steps": steps,
-        "resumed_from_step": None if start is None else int(os.path.basename(start).split("_")[1]),
+        "trained_steps": result.step - step0,
+        "resumed_from_step": None if start is None else step0,
         "batch_size": batch_size,
         "lr": lr,
         "ema_decay": ema_decay,
@@ -344,18 +371,17 @@ def train_digits(out_dir: str, *, steps: int, seed: int = 0, recipe: Optional[Di
         "device": device_description(device),
         "torch": torch.__version__,
         "train_seconds": round(train_seconds, 1),
-        "final_loss": result.losses[-1] if result.losses else None,
+        "final_loss": result.losses[-1] if result.losses else _final_loss(losses_path, result.step),
     }
     if evals and evals[-1]["step"] == steps:
         manifest["eval"] = {k: v for k, v in evals[-1].items() if k != "step"}
     elif eval_per_class:
         log(f"scoring {eval_per_class} samples per class ({eval_steps} steps, guidance {guidance}) ...")
         manifest["eval"] = evaluate_model(model, contexts, per_class=eval_per_class, steps=eval_steps,
-                                          guidance=guidance, seed=seed)
+                                          guidance=guidance, seed=seed, progress=progress)
     manifest["wall_seconds"] = round(time.perf_counter() - t_start, 1)
     model_dir = save_digits_model(model, tok, os.path.join(out_dir, MODEL_DIR), recipe,
-                                  metadata={"train_steps": steps, "seed": seed})
-    atomic_write_bytes(os.path.join(model_dir, MANIFEST_NAME), json.dumps(manifest, indent=2).encode())
+                                  metadata={"train_steps": steps, "seed": seed}, manifest=manifest)
     manifest["evals"] = evals
     manifest["model_dir"] = model_dir
     return manifest

@@ -309,8 +309,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         env = init_distributed(args.device)
         model, tokenizer, decode = load_for_sampling(args.checkpoint, env.device, args.backend)
-        prompts = read_prompts(args.prompts) if args.prompts else list(
-            model.cfg.extra.get("prompts") or _default_prompts())
+        known = model.cfg.extra.get("prompts")
+        prompts = read_prompts(args.prompts) if args.prompts else list(known or _default_prompts())
+        outside = [p for p in prompts if known and p not in known]
+        if outside:  # a class-conditional checkpoint was taught its prompt set only
+            raise ValueError(f"--prompts: {outside[0]!r} is not among the {len(known)} prompts of this class-conditional "
+                             f"checkpoint ({', '.join(map(repr, known[:10]))}{', ...' if len(known) > 10 else ''})")
         per_class = args.per_class if args.per_class is not None or args.num_samples is not None else 50
         run = sample_to_dir(model, tokenizer, prompts, args.out, num_samples=args.num_samples, per_class=per_class,
                             seed=args.seed, steps=args.steps, guidance=args.guidance, batch_size=args.batch_size,

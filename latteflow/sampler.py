@@ -118,15 +118,24 @@ def _step_graphs(model, x: Tensor, ctx: Context, guided: bool) -> StepGraphs:
     return graphs
 
 
+def progress_bar(total: int, desc: str, enabled: bool = True):
+    """A tqdm bar of ``total`` units, shown when ``enabled`` and stderr is a terminal (tqdm decides)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, dynamic_ncols=True, disable=None if enabled else True)
+
+
 @torch.no_grad()
 def sample(model, ctx: Context, null_ctx: Optional[Context] = None, *, steps: int = 40, guidance: float = 5.0,
-           generator: Optional[torch.Generator] = None, cuda_graphs: bool = True, progress: bool = False,
+           generator: Optional[torch.Generator] = None, cuda_graphs: bool = True, progress=False,
            noise: Optional[Tensor] = None) -> Tensor:
     """Samples latents ``(B, C, gh*p, gw*p)`` (float32) for the ``B`` rows of ``ctx``.
 
     ``null_ctx`` (1 or B rows) enables classifier-free guidance with weight ``guidance``; ``None``
     samples the conditional velocity alone. ``generator`` seeds the initial noise (the only random
-    draw), ``noise`` replaces it. ``cuda_graphs`` is ignored off CUDA. ``progress`` shows tqdm.
+    draw), ``noise`` replaces it. ``cuda_graphs`` is ignored off CUDA. ``progress``: True shows a tqdm
+    bar of the steps (when stderr is a terminal, as tqdm decides); a bar (anything with ``update(n)``)
+    is advanced by one per step instead, so a caller sampling in chunks can show one bar for all.
     """
     cfg = model.cfg
     if not isinstance(ctx, Context):
@@ -164,12 +173,16 @@ def sample(model, ctx: Context, null_ctx: Optional[Context] = None, *, steps: in
         def step(k: int) -> Tensor:
             return _guided_velocity(model, k, x, sigma_buf, run_ctx, w)
 
-    it = schedule
-    if progress:
-        from tqdm.auto import tqdm
-
-        it = tqdm(schedule, desc="sampling", leave=False)
-    for sig, nxt, k in it:
-        sigma_buf.fill_(sig)
-        x.add_(step(k), alpha=nxt - sig)
+    bar = progress if hasattr(progress, "update") else None
+    if bar is None and progress:
+        bar = progress_bar(len(schedule), "sampling")
+    try:
+        for sig, nxt, k in schedule:
+            sigma_buf.fill_(sig)
+            x.add_(step(k), alpha=nxt - sig)
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None and bar is not progress:
+            bar.close()
     return x.clone() if cuda_graphs and x.is_cuda else x

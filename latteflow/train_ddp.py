@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from .checkpoint import atomic_write_bytes, load_state, load_trainer_state, save_checkpoint
 from .context import Context, text_model
 from .distributed import DistEnv, derive_seed, init_distributed, shutdown_distributed
-from .train import LATEST, latest_checkpoint
+from .train import LATEST, clean_checkpoint_dir, latest_checkpoint
 
 __all__ = ["LabeledLatents", "TrainRun", "global_batch_indices", "main", "rank_slice", "train_distributed"]
 
@@ -232,6 +232,8 @@ def train_distributed(model, data: LabeledLatents, *, steps: int, global_batch_s
     if len(data) < 1:
         raise ValueError("data must hold at least one sample")
 
+    if checkpoint_dir is not None and env.is_main:
+        clean_checkpoint_dir(checkpoint_dir)  # what a killed run left (temporaries only: no rank reads them)
     source = None
     if isinstance(resume, (str, os.PathLike)):
         source = os.fspath(resume)

@@ -129,3 +129,18 @@ def test_repeat_expand_where_and_select():
     assert s.ctx_lens.tolist() == [5]
     with pytest.raises(ValueError, match="ctx_lens"):
         Context(a.keys, a.values, a.ctx_lens.long())
+
+
+def test_build_context_reads_the_cache_without_deprecation_warnings(tiny, monkeypatch):
+    """transformers 5.2x renamed the output's ``past_key_values`` to ``cache`` (warning on the old name);
+    5.17 only has ``past_key_values``: build_context reads whichever the output has, silently."""
+    import logging
+
+    said = []
+    monkeypatch.setattr(logging.Logger, "warning_once", lambda self, *a, **k: said.append(a), raising=False)
+    real_warning = logging.Logger.warning
+    monkeypatch.setattr(logging.Logger, "warning", lambda self, *a, **k: (said.append(a), real_warning(self, *a, **k)))
+    backbone = tiny.make_backbone(num_layers=2)
+    ids, mask = tiny.prompts([3, 5])
+    ctx = build_context(backbone, ids, mask)
+    assert ctx.num_layers == 2 and said == []

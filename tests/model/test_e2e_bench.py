@@ -53,11 +53,16 @@ def test_small_configuration_runs_every_cpu_mode_end_to_end(tmp_path, capsys):
     assert _results_dir_listing() == before  # CPU numbers never land in benchmarks/results/
 
 
-def test_default_outputs_of_a_cpu_or_small_run_stay_out_of_results():
+def test_default_outputs_of_a_cpu_or_small_run_stay_out_of_results(tmp_path, monkeypatch):
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
     args = e2e.parse_args(["--small"])
     setup = e2e.make_setup(args)
     csv_path, profile_path = e2e._out_paths(args, setup)
     assert RESULTS_DIR not in csv_path.parents and RESULTS_DIR not in profile_path.parents
+    # a folder of its own per run, never a fixed shared /tmp name
+    again, _ = e2e._out_paths(args, setup)
+    assert csv_path.parent != again.parent and csv_path.parent.parent == tmp_path
+    assert profile_path.parent == csv_path.parent
     assert setup.small and setup.dtype == torch.float32 and setup.batches == (2,) and setup.steps == 4
     assert setup.grid_hw == (4, 4) and setup.num_groups == 4
     assert all(not m.needs_cuda for m in e2e.select_modes(args, setup))
