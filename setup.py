@@ -89,7 +89,7 @@ setup(
     + ASSET_PACKAGES,
     package_data={"latteflow.assets.digits": ["*.json", "*.safetensors"]},
     include_package_data=True,
-    entry_points={"console_scripts": ["latteflow=latteflow.cli:main"]},
+    entry_points={"console_scripts": ["latteflow=latteflow.apps.cli:main"]},
     ext_modules=[Extension(EXT_NAME, sources=[])],  # replaced by build_ext, once torch is imported
     cmdclass={"build_ext": build_ext},
     install_requires=[

@@ -62,7 +62,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from latteflow.argtypes import finite_float, positive_int
+from latteflow.apps.argtypes import finite_float, positive_int
 
 from .common import (RESULTS_DIR, device_name, measure_copy_bandwidth_gbps, measure_matmul_tflops, peak_memory_mb,
                      results_path, write_row)
@@ -158,8 +158,8 @@ def _step_params(model, group) -> Tuple[int, int, int]:
 
 def sample_cost(model, batch: int, prompt_len: int, steps: int, guided: bool = True) -> Tuple[float, float, List[Tuple[float, float]]]:
     """``(prefill FLOPs, prefill bytes, [(FLOPs, bytes) per sampling step])`` of one batch."""
-    from latteflow.context import text_model
-    from latteflow.sampler import timestep_schedule
+    from latteflow.core.context import text_model
+    from latteflow.core.sampler import timestep_schedule
 
     layers = text_model(model.backbone).layers
     attn = model.groups[0].layers[0]
@@ -209,7 +209,7 @@ def dc_ae_config(small: bool) -> Dict[str, object]:
 
 
 def build_backbone_for(setup: Setup):
-    from latteflow.backbones import build_backbone, paper_qwen2vl_config, tiny_qwen2vl_config
+    from latteflow.text.backbones import build_backbone, paper_qwen2vl_config, tiny_qwen2vl_config
 
     config = tiny_qwen2vl_config() if setup.small else paper_qwen2vl_config()
     return build_backbone(config, seed=0, dtype=setup.dtype, device=setup.device)
@@ -238,7 +238,7 @@ def build_model(backbone, setup: Setup, variant: str, backend: str, seed: int = 
 def class_prompts(batch: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
     """``batch`` class prompts ("class 000", ...; 11 tokens each) followed by the null prompt ("", 2 tokens),
     right-padded into one ``(batch + 1, 11)`` batch."""
-    from latteflow.tokenizer import CharTokenizer
+    from latteflow.text.tokenizer import CharTokenizer
 
     return CharTokenizer().encode([f"class {i % 1000:03d}" for i in range(batch)] + [""], device=device)
 
@@ -392,7 +392,7 @@ def _profile(fn: Callable[[], object], device: torch.device, title: str, path: P
 
 def _decode(setup: Setup, batch: int, csv_path: Path) -> Optional[Dict[str, float]]:
     try:
-        from latteflow.vae import DCAutoencoder
+        from latteflow.data.vae import DCAutoencoder
 
         vae = DCAutoencoder.from_config(dc_ae_config(setup.small))
     except ImportError as e:

@@ -1,6 +1,6 @@
 """``python -m latteflow ...`` runs the ``latteflow`` command line."""
 import sys
 
-from .cli import main
+from latteflow.apps.cli import main
 
 sys.exit(main())

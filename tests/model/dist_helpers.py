@@ -13,8 +13,8 @@ import time
 import torch
 
 from latteflow import LatteFlowConfig, LatteFlowModel
-from latteflow.backbones import build_backbone, tiny_qwen2vl_config
-from latteflow.tokenizer import CharTokenizer
+from latteflow.text.backbones import build_backbone, tiny_qwen2vl_config
+from latteflow.text.tokenizer import CharTokenizer
 
 PROMPTS = ["digit 0", "digit 1", "digit 2"]
 SAMPLE_KW = dict(per_class=3, seed=11, steps=4, guidance=3.0)   # 9 samples
@@ -47,7 +47,7 @@ def make_model(variant="couple", seed=0):
 
 
 def make_data(n=22, seed=3):
-    from latteflow.train_ddp import LabeledLatents
+    from latteflow.training.ddp import LabeledLatents
 
     g = torch.Generator().manual_seed(seed)
     return LabeledLatents(torch.randn(n, 1, 4, 4, generator=g) * 0.5, torch.randint(0, len(PROMPTS), (n,), generator=g),
@@ -68,8 +68,8 @@ def job(rank, world_size, out_dir):
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     from latteflow.distributed import init_distributed, shutdown_distributed
-    from latteflow.sample_ddp import sample_to_dir
-    from latteflow.train_ddp import fsdp_available, train_distributed
+    from latteflow.evaluation.sample_ddp import sample_to_dir
+    from latteflow.training.ddp import fsdp_available, train_distributed
 
     env = init_distributed("cpu", timeout_s=TIMEOUT_S)
     assert env.world_size == world_size and env.distributed
