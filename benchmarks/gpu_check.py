@@ -7,7 +7,8 @@ to the ones after it), each a subprocess that is killed with its process group a
 recorded whatever happens, the next one run anyway (``benchmarks/gpu_steps.py``):
 
 1. facts: GPU name, driver, torch / triton / CUDA versions, measured copy bandwidth and bf16 matmul rate;
-2. extension: ``latte_kernels._C`` or its just-in-time build (``MAX_JOBS`` = all cores), timed;
+2. extension: ``latte_kernels._C`` or its just-in-time build (``MAX_JOBS`` = all cores, nvcc compiling
+   the two architectures of each file on two threads: ``LATTE_NVCC_THREADS=2``), timed;
 3. tests: the ``gpu``-marked tests, no ``-x``, a per-test timeout, junit XML kept;
 4. sanitizer: compute-sanitizer memcheck and racecheck over one small forward + backward call of each
    Triton kernel and of the CUDA extension (``benchmarks/gpu_probe.py kernels --size small``);
@@ -45,7 +46,7 @@ from benchmarks.gpu_steps import Command, Step, StepRecord, StepSkip, run_steps
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "gpu_check"
 AUTOTUNE_MAX = "2"
-TEST_TIMEOUT_S = 120
+TEST_TIMEOUT_S = 60
 # shares of the budget per step, in seconds of the default 480 s budget
 SHARES = {"facts": 20, "extension": 110, "tests": 80, "sanitizer": 70, "kernels": 100, "e2e": 90, "plots": 10}
 E2E_MODES = ("vanilla_couple-eager-reference", "latte-eager-fused", "latte-graphs-fused")
@@ -94,7 +95,7 @@ def _facts_after(ctx, rec: StepRecord):
 
 def _ext_build(ctx):
     return [[Command(_py(ctx, "-m", "benchmarks.gpu_probe", "ext"), "extension.log",
-                     env={"MAX_JOBS": str(os.cpu_count() or 1)})]]
+                     env={"MAX_JOBS": str(os.cpu_count() or 1), "LATTE_NVCC_THREADS": "2"})]]
 
 
 def _ext_after(ctx, rec: StepRecord):
