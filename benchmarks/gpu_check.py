@@ -295,31 +295,51 @@ def print_plan(steps: Sequence[Step], ctx: dict, budget_s: float, stream=sys.std
     w(f"\nthen: {ctx['out'] / 'summary.md'} (always written)\n")
 
 
-def why_from_records(records: Sequence[StepRecord], why: Dict[str, str]) -> Dict[str, str]:
-    """The reason a target's rows are missing, from the steps that should have written them."""
+# the logs whose commands write each group's rows (gpu_summary.evaluate's groups)
+GROUP_LOGS = {
+    "residual_attention": ("kernels", ("bench_residual_attention_fwd.log", "bench_residual_attention_fwdbwd.log")),
+    "memory": ("kernels", ("bench_residual_attention_memory.log",)),
+    "context_attention": ("kernels", ("bench_context_attention.log",)),
+    "rope": ("kernels", ("bench_rope.log",)),
+    "e2e": ("e2e", ("e2e.log",)),
+    "decode": ("e2e", ("e2e.log",)),
+}
+
+
+def why_from_records(records: Sequence[StepRecord], why: Dict[str, str], out: Optional[Path] = None) -> Dict[str, str]:
+    """The reason a target's rows are missing, from the command that should have written them: cut at
+    its step's deadline, its exit status and last log line, or its step not reaching it."""
     by = {r.name: r for r in records}
-    out = dict(why)
-
-    def reason(name):
-        r = by.get(name)
-        if r is None:
-            return f"{name} step not run"
-        if r.status == "ok":
-            return None
-        return f"{name} step {r.status}" + (f": {r.notes[0][:80]}" if r.notes else "")
-
-    for group in ("residual_attention", "memory", "context_attention", "rope"):
-        out.setdefault(group, reason("kernels"))
-    for group in ("e2e", "decode"):
-        out.setdefault(group, reason("e2e"))
-    return {k: v for k, v in out.items() if v}
+    reasons = dict(why)
+    for group, (step, logs) in GROUP_LOGS.items():
+        if group in reasons:
+            continue
+        rec = by.get(step)
+        if rec is None:
+            reasons[group] = f"{step} step not run"
+            continue
+        codes = dict(zip(rec.logs, rec.returncodes))
+        for log in logs:
+            if log not in rec.logs:
+                reasons[group] = f"{step} step {rec.status} before {log}" + (
+                    f": {rec.notes[0][:80]}" if rec.notes and rec.status != "ok" else "")
+                break
+            code = codes.get(log, "?")
+            if code is None:
+                reasons[group] = f"{log} cut at the {step} step's deadline"
+                break
+            if code != 0:
+                last = _last_line((out / log).read_text(errors="replace")) if out and (out / log).is_file() else ""
+                reasons[group] = f"{log}: exit {code}" + (f": {last[:100]}" if last else "")
+                break
+    return {k: v for k, v in reasons.items() if v}
 
 
 def write_summary(ctx: dict, records: Sequence[StepRecord], budget_s: float, elapsed_s: float) -> str:
     rows = gpu_summary.read_rows([ctx["csv"]])
     if "gpu" not in ctx["facts"] and rows:
         ctx["facts"]["gpu"] = rows[-1].get("gpu", "")
-    targets = gpu_summary.evaluate(rows, ctx["facts"], why_from_records(records, ctx["why"]))
+    targets = gpu_summary.evaluate(rows, ctx["facts"], why_from_records(records, ctx["why"], Path(ctx["out"])))
     text = gpu_summary.render(targets, ctx["facts"], records, budget_s, ctx["out"], ctx["csv"], elapsed_s)
     (Path(ctx["out"]) / "summary.md").write_text(text)
     return text

@@ -78,6 +78,16 @@ class StepRecord:
             f"; {self.notes[0]}" if self.notes else "")
 
 
+def last_line(path: Path, width: int = 100) -> str:
+    """The last non-empty line a command printed (its error, usually), cut to ``width``."""
+    try:
+        lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return "no log"
+    lines = [ln for ln in lines if not ln.startswith("$ ")]
+    return lines[-1][:width] if lines else "no output"
+
+
 def _kill_group(proc: subprocess.Popen) -> None:
     """SIGTERM to the command's process group, SIGKILL after 3 s if anything is left."""
     for sig, wait_s in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 5.0)):
@@ -159,7 +169,7 @@ def run_steps(steps: Sequence[Step], out_dir: Path, budget_s: float, ctx: dict, 
                 bad = [(cmd.log, c) for cmd, c in zip(stage, codes) if c not in cmd.ok_codes]
                 if bad:
                     rec.status = "failed"
-                    rec.notes.append("exit " + ", ".join(f"{c} ({log})" for log, c in bad))
+                    rec.notes += [f"{log}: exit {c}: {last_line(out_dir / log)}" for log, c in bad]
         except StepSkip as e:
             rec.status = "skipped"
             rec.notes.append(str(e))

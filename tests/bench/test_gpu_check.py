@@ -145,7 +145,7 @@ def test_main_writes_the_summary_with_not_measured_reasons(tmp_path, capsys):
     text = (out / "summary.md").read_text()
     assert "| kernels | 1 |" in text and "timeout" in text
     assert "not measured (kernels step timeout" in text
-    assert "not measured (e2e step error: ValueError: no e2e here" in text
+    assert "not measured (e2e step error before e2e.log: ValueError: no e2e here" in text
     for t in gpu_summary.evaluate([]):
         assert t.what in text
     recap = capsys.readouterr().out.strip().splitlines()
@@ -232,6 +232,20 @@ def test_latest_row_wins_and_ours_oom_is_not_met(tmp_path):
     oom = _rows(tmp_path / "oom", [("residual_attention", "ours", "fwd", gpu_summary.RA_MEM_SHAPE, dict(ms_p50="OOM"))])
     mem = next(t for t in gpu_summary.evaluate(oom) if t.what.startswith("memory"))
     assert mem.result == "not met" and "ours: OOM" in mem.measured
+
+
+def test_missing_rows_name_the_command_that_should_have_written_them(tmp_path):
+    (tmp_path / "bench_rope.log").write_text("$ python -m benchmarks.bench_rope\nRuntimeError: Triton failed\n")
+    rec = StepRecord("kernels", 100, status="timeout",
+                     logs=["warm_rope_2d.log", "bench_residual_attention_fwd.log", "bench_residual_attention_fwdbwd.log",
+                           "bench_rope.log", "bench_residual_attention_memory.log"],
+                     returncodes=[0, 0, 0, 1, None], notes=["cut"])
+    why = gpu_check.why_from_records([rec], {"decode": "diffusers not installed"}, tmp_path)
+    assert "residual_attention" not in why  # its commands ran: a missing row there is the row's own story
+    assert why["rope"] == "bench_rope.log: exit 1: RuntimeError: Triton failed"
+    assert why["memory"] == "bench_residual_attention_memory.log cut at the kernels step's deadline"
+    assert why["context_attention"] == "kernels step timeout before bench_context_attention.log: cut"
+    assert why["e2e"] == "e2e step not run" and why["decode"] == "diffusers not installed"
 
 
 # ---- readers of the step outputs ----------------------------------------------------------------
