@@ -264,7 +264,8 @@ def plan(budget_s: float) -> List[Step]:
         Step("sanitizer", a["sanitizer"], _sanitizer_build, _sanitizer_after,
              what="compute-sanitizer memcheck + racecheck, small run of every kernel"),
         Step("kernels", a["kernels"], _kernels_build,
-             what=f"warm Triton kernels in parallel, then SPEC 5 benchmarks (LATTE_KERNELS_AUTOTUNE_MAX={AUTOTUNE_MAX})"),
+             what=f"Triton kernels warmed in parallel, then the SPEC 5 benchmarks "
+                  f"(LATTE_KERNELS_AUTOTUNE_MAX={AUTOTUNE_MAX})"),
         Step("e2e", a["e2e"], _e2e_build, _e2e_after, what="paper config, batch 1 and 50, eager and graphs"),
         Step("plots", a["plots"], _plots_build, min_s=2.0, what="PNG per op beside the CSV"),
     ]

@@ -215,7 +215,8 @@ def render(targets: Sequence[Target], facts: Dict[str, object], records: Sequenc
     lines += [t.row() for t in targets]
     lines += ["", "## Device", "", "| fact | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in facts.items()] or ["| (none) | device facts step did not report |"]
-    lines += ["", "## Steps", "", "| step | allowance s | used s | status | notes | logs |", "|---|---|---|---|---|---|"]
+    lines += ["", "## Steps", "", "| step | allowance s | used s | status | notes | logs |",
+              "|---|---|---|---|---|---|"]
     for r in records:
         notes = "; ".join(r.notes).replace("|", "/").replace("\n", " ")
         lines.append(f"| {r.name} | {r.allowance_s:.0f} | {r.used_s:.0f} | {r.status} | {notes} | "

@@ -80,7 +80,8 @@ def _pid_alive(pid):
 
 def test_overrunning_step_is_cut_raising_step_recorded_next_steps_run(tmp_path):
     pidfile = tmp_path / "grandchild.pid"
-    sleeper = (f"import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+    sleeper = (f"import subprocess, sys, time; "
+               f"p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
                f"open({str(pidfile)!r}, 'w').write(str(p.pid)); time.sleep(60)")
     seen = []
 
@@ -237,8 +238,9 @@ def test_latest_row_wins_and_ours_oom_is_not_met(tmp_path):
 def test_missing_rows_name_the_command_that_should_have_written_them(tmp_path):
     (tmp_path / "bench_rope.log").write_text("$ python -m benchmarks.bench_rope\nRuntimeError: Triton failed\n")
     rec = StepRecord("kernels", 100, status="timeout",
-                     logs=["warm_rope_2d.log", "bench_residual_attention_fwd.log", "bench_residual_attention_fwdbwd.log",
-                           "bench_rope.log", "bench_residual_attention_memory.log"],
+                     logs=["warm_rope_2d.log", "bench_residual_attention_fwd.log",
+                           "bench_residual_attention_fwdbwd.log", "bench_rope.log",
+                           "bench_residual_attention_memory.log"],
                      returncodes=[0, 0, 0, 1, None], notes=["cut"])
     why = gpu_check.why_from_records([rec], {"decode": "diffusers not installed"}, tmp_path)
     assert "residual_attention" not in why  # its commands ran: a missing row there is the row's own story
@@ -280,3 +282,28 @@ def test_extension_failure_forbids_later_jit_builds_and_is_the_reason(tmp_path):
     assert "bench_context_attention.log" not in logs
     sanitized = gpu_check._sanitizer_build({**ctx, "dry_run": True})[0][0].argv
     assert "context_attention" not in sanitized and "residual_attention" in sanitized
+
+
+# ---- the subprocess side -----------------------------------------------------------------------
+
+def _probe(*args, env_extra=None):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env_extra or {})}
+    env.pop("TRITON_INTERPRET", None)
+    return subprocess.run([sys.executable, "-m", "benchmarks.gpu_probe", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_probe_ext_reports_how_the_extension_loaded_and_how_long_it_took():
+    res = _probe("ext", env_extra={"MAX_JOBS": "1"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    (line,) = [ln for ln in res.stdout.splitlines() if ln.startswith("EXT ")]
+    info = gpu_check._tagged_json(line, "EXT")
+    assert info["seconds"] >= 0 and info["max_jobs"] == "1" and info["how"]
+
+
+def test_probe_needs_cuda_for_facts_and_kernels():
+    for args in (("facts",), ("kernels", "--size", "small")):
+        res = _probe(*args, env_extra={"CUDA_VISIBLE_DEVICES": ""})
+        assert res.returncode == 1 and "no CUDA device" in res.stderr, res.stderr[-500:]
+    bad = _probe("kernels", "--op", "softmax")
+    assert bad.returncode == 2 and "--op" in bad.stderr
