@@ -9,7 +9,8 @@ recorded whatever happens, the next one run anyway (``benchmarks/gpu_steps.py``)
 1. facts: GPU name, driver, torch / triton / CUDA versions, measured copy bandwidth and bf16 matmul rate;
 2. extension: ``latte_kernels._C`` or its just-in-time build (``MAX_JOBS`` = all cores, nvcc compiling
    the two architectures of each file on two threads: ``LATTE_NVCC_THREADS=2``), timed;
-3. tests: the ``gpu``-marked tests, no ``-x``, a per-test timeout, junit XML kept;
+3. tests: the ``gpu``-marked tests, no ``-x``, a per-test timeout, junit XML kept (autotuning pruned as
+   in step 5, so the tests check the configs the benchmarks time);
 4. sanitizer: compute-sanitizer memcheck and racecheck over one small forward + backward call of each
    Triton kernel and of the CUDA extension (``benchmarks/gpu_probe.py kernels --size small``);
 5. kernels: the Triton kernels warmed at their SPEC 5 shapes in parallel processes (into Triton's disk
@@ -137,7 +138,8 @@ def _tests_build(ctx):
         xml = Path(ctx["out"]) / f"pytest_{part}.xml"
         argv = _py(ctx, "-m", "pytest", f"tests/{part}", "-m", "gpu", "-q", "-rfE", "-p", "no:cacheprovider",
                    f"--junitxml={xml}", *_timeout_args())
-        stages.append([Command(argv, f"pytest_{part}.log", env=_no_jit_env(ctx), ok_codes=(0, 5))])
+        env = {"LATTE_KERNELS_AUTOTUNE_MAX": AUTOTUNE_MAX, **_no_jit_env(ctx)}  # the configs the benchmarks time
+        stages.append([Command(argv, f"pytest_{part}.log", env=env, ok_codes=(0, 5))])
     return stages
 
 
@@ -278,8 +280,9 @@ def new_context(out: Path, csv_name: str, dry_run: bool = False) -> dict:
 def print_plan(steps: Sequence[Step], ctx: dict, budget_s: float, stream=sys.stdout) -> None:
     w = stream.write
     w(f"gpu_check plan: budget {budget_s:.0f} s, output {ctx['out']}\n")
-    w(f"autotuning pruned in the kernel step: LATTE_KERNELS_AUTOTUNE_MAX={AUTOTUNE_MAX} (each kernel keeps its "
-      f"first {AUTOTUNE_MAX} configs; harmless where latte_kernels does not read it)\n")
+    w(f"autotuning pruned in the tests and kernels steps: LATTE_KERNELS_AUTOTUNE_MAX={AUTOTUNE_MAX} (each kernel "
+      f"keeps its first {AUTOTUNE_MAX} configs, so the tests check the configs the benchmarks time; harmless where "
+      f"latte_kernels does not read it; every config: `pytest -m gpu` without it)\n")
     w("a step that overruns its allowance is killed (process group) and recorded; unused time goes to later steps\n")
     cumulative = 0.0
     for i, step in enumerate(steps, 1):

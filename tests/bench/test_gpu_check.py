@@ -277,7 +277,8 @@ def test_extension_failure_forbids_later_jit_builds_and_is_the_reason(tmp_path):
     gpu_check._ext_after(ctx, rec)
     assert ctx["ext_ok"] is False and rec.notes == ["RuntimeError: no CUTLASS headers"]
     env = gpu_check._tests_build(ctx)[0][0].env
-    assert env == {"LATTE_NO_JIT": "1"}
+    assert env["LATTE_NO_JIT"] == "1" and env["LATTE_KERNELS_AUTOTUNE_MAX"] == gpu_check.AUTOTUNE_MAX
+    assert "LATTE_NO_JIT" not in gpu_check._tests_build(gpu_check.new_context(tmp_path, "x.csv"))[0][0].env
     logs = [c.log for stage in gpu_check._kernels_build(ctx) for c in stage]
     assert "bench_context_attention.log" not in logs
     sanitized = gpu_check._sanitizer_build({**ctx, "dry_run": True})[0][0].argv
