@@ -113,8 +113,14 @@ def run_stage(commands: Sequence[Command], out_dir: Path, deadline: float, cwd: 
             log.write(f"$ {cmd.shell()}\n")
             log.flush()
             env = {**base_env, **cmd.env}
-            procs.append((subprocess.Popen(cmd.argv, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                           stdin=subprocess.DEVNULL, start_new_session=True), log))
+            try:
+                proc = subprocess.Popen(cmd.argv, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                        stdin=subprocess.DEVNULL, start_new_session=True)
+            except OSError as e:  # the program is missing: said in its log, raised to the step
+                log.write(f"could not start: {e}\n")
+                log.close()
+                raise
+            procs.append((proc, log))
         codes: List[Optional[int]] = []
         for proc, _ in procs:
             try:

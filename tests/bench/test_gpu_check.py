@@ -97,6 +97,7 @@ def test_overrunning_step_is_cut_raising_step_recorded_next_steps_run(tmp_path):
         _step("fine", 20, lambda ctx: [[_cmd("print('hello')", "hello.log")]], after=after_reads),
         _step("fails", 10, lambda ctx: [[_cmd("import sys; sys.exit(3)", "fails.log")]]),
         _step("absent", 10, lambda ctx: (_ for _ in ()).throw(StepSkip("tool missing"))),
+        _step("no_program", 10, lambda ctx: [[Command(["/nonexistent/tool"], "np.log")]]),
     ]
     recs = run_steps(steps, tmp_path, 60, {}, cwd=tmp_path, progress=False)
     by = {r.name: r for r in recs}
@@ -110,6 +111,7 @@ def test_overrunning_step_is_cut_raising_step_recorded_next_steps_run(tmp_path):
     assert by["fine"].status == "ok" and "hello" in seen[0]
     assert by["fails"].status == "failed" and "exit 3" in by["fails"].notes[0]
     assert by["absent"].status == "skipped" and by["absent"].notes == ["tool missing"]
+    assert by["no_program"].status == "error" and "could not start" in (tmp_path / "np.log").read_text()
 
 
 def _handshake(mine, theirs):
