@@ -301,7 +301,8 @@ def print_plan(steps: Sequence[Step], ctx: dict, budget_s: float, stream=sys.std
 
 # the logs whose commands write each group's rows (gpu_summary.evaluate's groups)
 GROUP_LOGS = {
-    "residual_attention": ("kernels", ("bench_residual_attention_fwd.log", "bench_residual_attention_fwdbwd.log")),
+    "residual_attention": ("kernels", ("bench_residual_attention_fwd.log",)),
+    "residual_attention_fwdbwd": ("kernels", ("bench_residual_attention_fwdbwd.log",)),
     "memory": ("kernels", ("bench_residual_attention_memory.log",)),
     "context_attention": ("kernels", ("bench_context_attention.log",)),
     "rope": ("kernels", ("bench_rope.log",)),

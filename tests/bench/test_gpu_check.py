@@ -245,7 +245,8 @@ def test_missing_rows_name_the_command_that_should_have_written_them(tmp_path):
                            "bench_residual_attention_memory.log"],
                      returncodes=[0, 0, 0, 1, None], notes=["cut"])
     why = gpu_check.why_from_records([rec], {"decode": "diffusers not installed"}, tmp_path)
-    assert "residual_attention" not in why  # its commands ran: a missing row there is the row's own story
+    assert "residual_attention" not in why  # its command ran: a missing row there is the row's own story
+    assert "residual_attention_fwdbwd" not in why
     assert why["rope"] == "bench_rope.log: exit 1: RuntimeError: Triton failed"
     assert why["memory"] == "bench_residual_attention_memory.log cut at the kernels step's deadline"
     assert why["context_attention"] == "kernels step timeout before bench_context_attention.log: cut"
