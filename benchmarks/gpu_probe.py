@@ -67,13 +67,13 @@ def ext() -> dict:
             "max_jobs": os.environ.get("MAX_JOBS", "")}
 
 
-def _call(op: str, size: str) -> None:
-    """One forward and one backward call of ``op`` on random data (bf16 on CUDA)."""
+def call_once(op: str, size: str, device=None, dtype=None) -> None:
+    """One forward and one backward call of ``op`` on random data (default: bf16 on CUDA)."""
     import torch
 
     import latte_kernels as lk
 
-    dev, dt = torch.device("cuda"), torch.bfloat16
+    dev, dt = torch.device(device or "cuda"), dtype or torch.bfloat16
     target = size == "target"
     b, hq, hkv, d = (4, 12, 2, 128) if target else (1, 4, 2, 64)
     mk = lambda *s: torch.randn(*s, device=dev, dtype=dt, requires_grad=True)  # noqa: E731
@@ -109,7 +109,8 @@ def _call(op: str, size: str) -> None:
         raise ValueError(f"op must be one of {OPS}, got {op!r}")
     grads = [torch.randn_like(o) for o in outs]
     torch.autograd.grad(outs, ins, grads)
-    torch.cuda.synchronize()
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
 
 
 def kernels(ops, size: str) -> None:
@@ -121,7 +122,7 @@ def kernels(ops, size: str) -> None:
     for op in ops:
         t0 = time.perf_counter()
         try:
-            _call(op, size)
+            call_once(op, size)
             print(f"KERNEL {op} ok {time.perf_counter() - t0:.1f} s", flush=True)
         except Exception as e:  # one kernel's failure must not hide the others' sanitizer reports
             failed.append(op)

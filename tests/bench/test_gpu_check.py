@@ -311,3 +311,16 @@ def test_probe_needs_cuda_for_facts_and_kernels():
         assert res.returncode == 1 and "no CUDA device" in res.stderr, res.stderr[-500:]
     bad = _probe("kernels", "--op", "softmax")
     assert bad.returncode == 2 and "--op" in bad.stderr
+
+
+@pytest.mark.parametrize("op", ["rope_2d", "mrope", "merge_attention_states", "residual_attention",
+                                "context_attention"])
+def test_probe_calls_every_kernel_with_valid_arguments(op):
+    # on CPU (reference paths, or the C++ kernel for context_attention): the sanitizer's run is well formed
+    import torch
+
+    from benchmarks import gpu_probe
+
+    gpu_probe.call_once(op, "small", torch.device("cpu"), torch.float32)
+    with pytest.raises(ValueError, match="op must be one of"):
+        gpu_probe.call_once("softmax", "small", torch.device("cpu"), torch.float32)
