@@ -15,11 +15,13 @@ bf16, lengths drawn in [Nc/2, Nc] with one row at Nc. TFLOP/s count the valid ke
     python -m benchmarks.bench_context_attention            # GPU: full sweep, writes rows
     python -m benchmarks.bench_context_attention --bwd      # forward + backward
     python -m benchmarks.bench_context_attention --quick    # one tiny shape on CPU, prints only
+    python -m benchmarks.bench_context_attention --nq 4096 --nc 1024 --providers ours sdpa_valid  # the SPEC 5 shape
 """
 from __future__ import annotations
 
 import argparse
 import itertools
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -63,7 +65,7 @@ def make(nq, nc, dtype, device, gen):
     return q, k, v, torch.tensor(lens_host, dtype=torch.int32, device=device), lens_host
 
 
-def run(nq, nc, dtype, device, backward, write, names=None):
+def run(nq, nc, dtype, device, backward, write, names=None, path=None):
     gen = torch.Generator(device=device).manual_seed(0)
     q, k, v, lens, lens_host = make(nq, nc, dtype, device, gen)
     if backward:
@@ -87,7 +89,7 @@ def run(nq, nc, dtype, device, backward, write, names=None):
             mem = peak_memory_mb(step, device)
         row = dict(op="context_attention", provider=name, mode="fwd+bwd" if backward else "fwd", shape=shape,
                    tflops=flops / (t["ms_p50"] * 1e-3) / 1e12, peak_mem_mb=mem if mem is not None else "", **t)
-        rows.append(write_row(row, device) if write else row)
+        rows.append(write_row(row, device, path) if write else row)
         print(f"{shape:48s} {row['mode']:8s} {name:11s} p50 {t['ms_p50']:9.4f} ms  "
               f"(p20 {t['ms_p20']:.4f}, p80 {t['ms_p80']:.4f})  {row['tflops']:7.2f} TFLOP/s")
     return rows
@@ -98,6 +100,9 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="one tiny shape on CPU (float32); prints, writes nothing")
     parser.add_argument("--bwd", action="store_true", help="time forward + backward")
     parser.add_argument("--providers", nargs="*", help="subset of: ours reference sdpa_mask sdpa_valid")
+    parser.add_argument("--nq", type=int, nargs="+", default=list(NQS), help="query lengths (default: the sweep)")
+    parser.add_argument("--nc", type=int, nargs="+", default=list(NCS), help="context lengths (default: the sweep)")
+    parser.add_argument("--out", type=Path, default=None, help="CSV path (default: benchmarks/results/<device>.csv)")
     args = parser.parse_args(argv)
     if args.quick:
         global B
@@ -107,8 +112,8 @@ def main(argv=None):
     if not torch.cuda.is_available():
         raise SystemExit("the sweep needs a CUDA device; use --quick for a CPU smoke test")
     device = torch.device("cuda")
-    for nq, nc in itertools.product(NQS, NCS):
-        run(nq, nc, torch.bfloat16, device, args.bwd, write=True, names=args.providers)
+    for nq, nc in itertools.product(args.nq, args.nc):
+        run(nq, nc, torch.bfloat16, device, args.bwd, write=True, names=args.providers, path=args.out)
 
 
 if __name__ == "__main__":

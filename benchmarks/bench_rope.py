@@ -15,6 +15,7 @@ printed beside the device's measured copy bandwidth (the SPEC 5 target is >= 80%
 
     python -m benchmarks.bench_rope            # CUDA: SPEC shapes, rows to benchmarks/results/<gpu>.csv
     python -m benchmarks.bench_rope --quick    # one tiny shape, any device; on CPU rows go to a temp file
+    python -m benchmarks.bench_rope --n 4096 --d 128 --heads 12 --providers ours torch   # one shape
 """
 from __future__ import annotations
 
@@ -61,6 +62,9 @@ def torch_rotation(x: torch.Tensor, positions: torch.Tensor, op: str) -> torch.T
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
+PROVIDERS = ("ours", "reference", "torch", "torch_compile")
+
+
 def providers(op: str, grid, section, device: torch.device) -> Dict[str, Callable]:
     if op == "rope_2d":
         ours = lambda x, pos: lk.rope_2d(x, grid)  # noqa: E731  (positions from the grid, in-kernel)
@@ -76,7 +80,7 @@ def providers(op: str, grid, section, device: torch.device) -> Dict[str, Callabl
 
 
 def run_case(op: str, b: int, n: int, h: int, d: int, dtype: torch.dtype, device: torch.device, copy_gbps: float,
-             out_path: Optional[Path], rep_ms: float) -> None:
+             out_path: Optional[Path], rep_ms: float, names=None) -> None:
     torch._dynamo.reset()  # a fresh compile per shape, never a silent fall-back to eager at the cache limit
     grid = GRIDS.get(n, (1, n))
     section = SECTIONS.get(d, _even_section(d))
@@ -90,6 +94,8 @@ def run_case(op: str, b: int, n: int, h: int, d: int, dtype: torch.dtype, device
     moved = 2 * x.numel() * x.element_size() + pos_bytes
     shape = f"B{b}-N{n}-H{h}-D{d}-{str(dtype).replace('torch.', '')}"
     for name, fn in providers(op, grid, section, device).items():
+        if names and name not in names:
+            continue
         for mode in ("fwd", "bwd"):
             if mode == "fwd":
                 call = lambda fn=fn: fn(x, positions)  # noqa: E731
@@ -114,6 +120,11 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="one tiny shape (runs on CPU too) as a smoke test")
     parser.add_argument("--out", type=Path, default=None,
                         help="CSV to append to (default: benchmarks/results/<device>.csv on CUDA, a temp file on CPU)")
+    parser.add_argument("--ops", nargs="+", choices=("rope_2d", "mrope"), default=["rope_2d", "mrope"])
+    parser.add_argument("--n", type=int, nargs="+", default=[1024, 4096, 16384], help="sequence lengths (CUDA sweep)")
+    parser.add_argument("--d", type=int, nargs="+", default=[64, 128], help="head dims (CUDA sweep)")
+    parser.add_argument("--heads", type=int, nargs="+", default=[12, 2], help="head counts (CUDA sweep)")
+    parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=None, help="subset (default: all)")
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -131,14 +142,15 @@ def main(argv=None) -> None:
     if args.quick:
         # CPU has no bfloat16 kernel path (the interpreter lacks it): float32 there
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        for op in ("rope_2d", "mrope"):
-            run_case(op, 1, 64, 2, 64, dtype, device, copy_gbps, out_path, rep_ms=50)
+        for op in args.ops:
+            run_case(op, 1, 64, 2, 64, dtype, device, copy_gbps, out_path, rep_ms=50, names=args.providers)
         return
-    for op in ("rope_2d", "mrope"):
-        for d in (64, 128):
-            for n in (1024, 4096, 16384):
-                for h in (12, 2):
-                    run_case(op, 4, n, h, d, torch.bfloat16, device, copy_gbps, out_path, rep_ms=500)
+    for op in args.ops:
+        for d in args.d:
+            for n in args.n:
+                for h in args.heads:
+                    run_case(op, 4, n, h, d, torch.bfloat16, device, copy_gbps, out_path, rep_ms=500,
+                             names=args.providers)
 
 
 if __name__ == "__main__":

@@ -18,8 +18,17 @@ from .common import RESULTS_DIR
 
 
 def read_rows(path: Path) -> List[Dict[str, str]]:
+    """The rows with a time to draw (an ``OOM`` row has none)."""
     with path.open(newline="") as f:
-        return [row for row in csv.DictReader(f) if row.get("ms_p50")]
+        return [row for row in csv.DictReader(f) if _is_number(row.get("ms_p50"))]
+
+
+def _is_number(text) -> bool:
+    try:
+        float(text)
+        return True
+    except (TypeError, ValueError):
+        return False
 
 
 def latest(rows: List[Dict[str, str]]) -> List[Dict[str, str]]:

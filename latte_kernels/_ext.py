@@ -6,7 +6,8 @@
    ``python setup.py build_ext --inplace``);
 2. otherwise, in a source checkout, a just-in-time build of ``csrc/`` with
    ``torch.utils.cpp_extension.load`` into ``build/latte_ext_jit/<torch version>/`` (CPU sources only
-   when torch has no CUDA), done once and cached on disk;
+   when torch has no CUDA), done once and cached on disk; ``MAX_JOBS`` files compile at once and
+   ``LATTE_NVCC_THREADS=N`` lets nvcc compile each file's architectures on N threads;
 3. otherwise one ``RuntimeError`` saying how to build it, with the compiler's last lines.
 
 The CUDA kernels are written on CuTe, so a CUDA build needs the CUTLASS headers: ``cutlass_include()``
@@ -100,6 +101,11 @@ def _jit_build() -> None:
     build_dir.mkdir(parents=True, exist_ok=True)
     flags = ["-O3", "-std=c++17"] + (["-DLATTE_WITH_CUDA"] if cuda else [])
     cuda_flags = nvcc_flags(cutlass_include()) if cuda else None
+    threads = os.environ.get("LATTE_NVCC_THREADS", "")
+    if cuda and threads:  # nvcc compiles a file's architectures in parallel (MAX_JOBS parallelises files)
+        if not threads.isdigit():
+            raise ValueError(f"LATTE_NVCC_THREADS must be a non-negative integer, got {threads!r}")
+        cuda_flags = cuda_flags + [f"--threads={threads}"]
     cpp_load(name="latte_ext_jit", sources=_sources(cuda), extra_cflags=flags,
              extra_cuda_cflags=cuda_flags, build_directory=str(build_dir),
              with_cuda=cuda, is_python_module=False, verbose=False)

@@ -7,3 +7,4 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 TRITON_INTERPRET=1 "$PY" -m pytest tests/kernels -q "$@"
 "$PY" -m pytest tests/model -q "$@"
+"$PY" -m pytest tests/bench -q "$@"
