@@ -126,7 +126,7 @@ def _cmd_sample(a) -> int:
     import torch
 
     from latteflow.data.images import save_image_grid
-    from latteflow.apps.pipeline import load_pipeline, sample_prompts
+    from latteflow.pipeline import load_pipeline, sample_prompts
 
     _png_out(a.out)
     pipe = load_pipeline(a.checkpoint, device=a.device)
@@ -189,7 +189,7 @@ def _print_scores(r: dict, device: str) -> None:
 def _cmd_eval(a) -> int:
     from latteflow.apps.digits_recipe import PromptContexts, evaluate_model
 
-    from latteflow.apps.pipeline import load_pipeline
+    from latteflow.pipeline import load_pipeline
 
     if a.out is not None:
         _png_out(a.out)

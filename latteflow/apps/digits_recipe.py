@@ -16,7 +16,6 @@ the shipped checkpoint and ``latteflow/experiments.py``.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -26,7 +25,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 from torch import Tensor
 
-from latteflow.text.backbones import build_backbone, tiny_qwen2vl_config
+from latteflow.text.backbones import backbone_checksum, build_backbone, tiny_qwen2vl_config
 from latteflow.core.checkpoint import atomic_write_bytes, clean_temporaries, save_checkpoint
 from latteflow.core.config import LatteFlowConfig
 from latteflow.core.context import Context
@@ -53,17 +52,6 @@ LOSSES_NAME = "losses.csv"
 
 def digits_backbone_config(tokenizer: Optional[CharTokenizer] = None):
     return tiny_qwen2vl_config(tokenizer, **DIGITS_BACKBONE)
-
-
-def backbone_checksum(backbone: torch.nn.Module) -> str:
-    """SHA-256 over the backbone's tensors (names, shapes, float32 bytes, in name order)."""
-    h = hashlib.sha256()
-    for name, t in sorted(backbone.state_dict().items()):
-        t = t.detach().to("cpu", torch.float32).contiguous()
-        h.update(name.encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.numpy().tobytes())
-    return h.hexdigest()
 
 
 @dataclass

@@ -64,7 +64,7 @@ def _train_one(name: str, recipe: DigitsRecipe, work: str, steps: int, eval_at: 
 
 
 def _time_sampling(work: str, names: List[str], repeats: int, batch: int, steps: int, guidance: float) -> Dict[str, dict]:
-    from latteflow.apps.pipeline import load_pipeline
+    from latteflow.pipeline import load_pipeline
     from latteflow.core.sampler import group_step_counts, sample
 
     pipes = {n: load_pipeline(os.path.join(work, n)) for n in names}  # n: a trained model's folder

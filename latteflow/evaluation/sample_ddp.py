@@ -29,7 +29,7 @@ from torch import Tensor
 
 from latteflow.core.files import atomic_write
 from latteflow.core.checkpoint import load_checkpoint, read_config
-from latteflow.core.context import Context
+from latteflow.core.context import PromptContexts
 from latteflow.distributed import DistEnv, all_gather_objects, barrier, derive_seed, init_distributed, shutdown_distributed
 from latteflow.data.images import save_image_grid, to_uint8
 from latteflow.core.sampler import sample
@@ -79,38 +79,6 @@ def initial_noise(indices: Sequence[int], shape: Tuple[int, ...], seed: int) -> 
     rows = [torch.randn(shape, generator=torch.Generator().manual_seed(derive_seed(seed, int(i))))
             for i in indices]
     return torch.stack(rows)
-
-
-class PromptContexts:
-    """Contexts of a prompt list, built lazily in fixed chunks of the list (so a prompt's context does
-    not depend on which rank or batch asks for it) and padded to one common length, plus the null
-    prompt's. ``tokenizer.encode(texts, device=)`` returns ``(input_ids, attention_mask)``."""
-
-    def __init__(self, model, tokenizer, prompts: Sequence[str], chunk: int = 256):
-        if not prompts:
-            raise ValueError("prompts must hold at least one prompt")
-        self.model, self.tokenizer, self.prompts, self.chunk = model, tokenizer, list(prompts), chunk
-        lengths = [int(tokenizer.encode(self.prompts[i:i + chunk])[1].sum(1).max())
-                   for i in range(0, len(self.prompts), chunk)]
-        self.null = self._build([""])
-        self.length = max(max(lengths), self.null.max_len)
-        self.null = self.null.pad_to(self.length)
-        self._chunks: Dict[int, Context] = {}
-
-    def _build(self, texts: List[str]) -> Context:
-        ids, mask = self.tokenizer.encode(texts, device=self.model.device)
-        with torch.no_grad():
-            return self.model.build_context(ids, mask)
-
-    def rows(self, prompt_index: Sequence[int]) -> Context:
-        """The contexts of prompts ``prompt_index`` (one row each, in order)."""
-        parts = []
-        for p in prompt_index:
-            c, j = divmod(int(p), self.chunk)
-            if c not in self._chunks:
-                self._chunks[c] = self._build(self.prompts[c * self.chunk:(c + 1) * self.chunk]).pad_to(self.length)
-            parts.append(self._chunks[c].index_select(torch.tensor([j])))
-        return Context.cat(parts)
 
 
 def sample_indices(model, contexts: PromptContexts, indices: Sequence[int], *, seed: int = 0, steps: int = 40,
@@ -240,9 +208,9 @@ def _tokenizer_for(path: str, config: dict):
 
 def _from_pipeline(spec: str, device: torch.device):
     try:
-        from latteflow.apps.pipeline import load_pipeline  # written beside this module; imported only when needed
+        from latteflow.pipeline import load_pipeline  # written beside this module; imported only when needed
     except ImportError as e:
-        raise ValueError(f"--checkpoint {spec!r} needs latteflow.apps.pipeline.load_pipeline, which this install "
+        raise ValueError(f"--checkpoint {spec!r} needs latteflow.pipeline.load_pipeline, which this install "
                          f"lacks ({e}); pass a checkpoint directory that holds its backbone") from None
     pipe = load_pipeline(spec)
     model, tokenizer = getattr(pipe, "model", None), getattr(pipe, "tokenizer", None)
@@ -254,7 +222,7 @@ def _from_pipeline(spec: str, device: torch.device):
 
 def load_for_sampling(checkpoint: str, device: torch.device, backend: Optional[str] = None):
     """``(model, tokenizer, decode)`` for ``checkpoint``: ``"digits"`` (the shipped model, through
-    ``latteflow.apps.pipeline.load_pipeline``) or a checkpoint directory. A directory that holds its
+    ``latteflow.pipeline.load_pipeline``) or a checkpoint directory. A directory that holds its
     backbone loads directly (tokenizer from its metadata, else the package's character tokenizer;
     latents are images); one without goes through ``load_pipeline`` when that module exists."""
     if not isinstance(checkpoint, str) or not checkpoint:

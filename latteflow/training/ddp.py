@@ -33,7 +33,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from latteflow.core.checkpoint import atomic_write_bytes, load_state, load_trainer_state, save_checkpoint
-from latteflow.core.context import Context, text_model
+from latteflow.core.context import Context, PromptContexts, text_model
 from latteflow.distributed import DistEnv, derive_seed, init_distributed, shutdown_distributed
 from latteflow.training.loop import LATEST, clean_checkpoint_dir, latest_checkpoint
 
@@ -96,8 +96,6 @@ class LabeledLatents:
             null_ids, null_mask = self.tokenizer.encode([""], device=model.device)
             return x, {"input_ids": ids, "attention_mask": mask}, {"input_ids": null_ids, "attention_mask": null_mask}
         if self._contexts is None:
-            from latteflow.evaluation.sample_ddp import PromptContexts
-
             self._contexts = PromptContexts(model, self.tokenizer, self.prompts)
         return x, self._contexts.rows(labels), self._contexts.null
 

@@ -167,12 +167,12 @@ def test_sample_without_prompt_draws_the_prompt_set(tmp_path, capsys):
 
 
 def test_out_is_checked_before_the_checkpoint_is_loaded(tmp_path, capsys, monkeypatch):
-    import latteflow.apps.pipeline
+    import latteflow.pipeline
 
     def no_loading(*a, **k):
         raise AssertionError("loaded the checkpoint before checking --out")
 
-    monkeypatch.setattr(latteflow.apps.pipeline, "load_pipeline", no_loading)
+    monkeypatch.setattr(latteflow.pipeline, "load_pipeline", no_loading)
     for out in (str(tmp_path), str(tmp_path / "dir.png")):
         os.makedirs(out, exist_ok=True)
         rc = main(["sample", "--prompt", "digit 3", "--out", out])

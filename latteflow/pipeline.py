@@ -30,7 +30,7 @@ from latteflow.data.vae import PixelAutoencoder
 
 __all__ = ["LatteFlowPipeline", "load_pipeline", "resolve_checkpoint", "SHIPPED", "sample_prompts"]
 
-ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
+ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 SHIPPED = {"digits": os.path.join(ASSETS, "digits")}
 
 
@@ -51,7 +51,7 @@ def resolve_checkpoint(name_or_path: Union[str, os.PathLike]) -> str:
 
 def _rebuild_backbone(config: dict, path: str, device):
     from latteflow.text.backbones import build_backbone
-    from latteflow.apps.digits_recipe import backbone_checksum
+    from latteflow.text.backbones import backbone_checksum
 
     meta = config.get("metadata") or {}
     seed, expected = meta.get("backbone_seed"), meta.get("backbone_sha256")
