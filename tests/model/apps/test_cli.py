@@ -268,12 +268,6 @@ def test_resume_keeps_the_run_settings(trained, tmp_path, capsys):
     assert "trained 0 steps (now at step 4)" in out and "final loss none" not in out
 
 
-def test_bench_missing_module_is_one_line(monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "benchmarks.e2e", None)  # import of it raises ImportError
-    rc = main(["bench", "--batch", "1"])
-    _one_line_error(capsys, rc, "benchmarks.e2e")
-
-
 def test_debug_env_reraises(monkeypatch):
     monkeypatch.setenv("LATTEFLOW_DEBUG", "1")
     with pytest.raises(FileNotFoundError):
