@@ -30,7 +30,7 @@ from torch import Tensor
 from latteflow.core.files import atomic_write
 from latteflow.core.checkpoint import load_checkpoint, read_config
 from latteflow.core.context import PromptContexts
-from latteflow.distributed import DistEnv, all_gather_objects, barrier, derive_seed, init_distributed, shutdown_distributed
+from latteflow.distributed import DistEnv, MainParser, all_gather_objects, barrier, derive_seed, init_distributed, run_main
 from latteflow.data.images import save_image_grid, to_uint8
 from latteflow.core.sampler import sample
 
@@ -244,13 +244,8 @@ def load_for_sampling(checkpoint: str, device: torch.device, backend: Optional[s
 
 # ------------------------------------------------------------------------------------------------
 # command line
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, no usage dump
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def build_parser(prog: str = "latteflow sample --distributed") -> argparse.ArgumentParser:
-    p = _Parser(prog=prog, description="Sample a class-balanced (or prompt-file) set of images on every rank "
+    p = MainParser(prog=prog, description="Sample a class-balanced (or prompt-file) set of images on every rank "
                                        "of a torchrun job; write one PNG per sample and an ADM .npz.")
     p.add_argument("--checkpoint", required=True, help="'digits' (the shipped model) or a checkpoint directory")
     p.add_argument("--out", required=True, help="output directory")
@@ -271,33 +266,23 @@ def build_parser(prog: str = "latteflow sample --distributed") -> argparse.Argum
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command line entry point; returns the exit status (0 ok, 2 misuse / bad input)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    env = None
-    try:
-        env = init_distributed(args.device)
-        model, tokenizer, decode = load_for_sampling(args.checkpoint, env.device, args.backend)
-        known = model.cfg.extra.get("prompts")
-        prompts = read_prompts(args.prompts) if args.prompts else list(known or _default_prompts())
-        outside = [p for p in prompts if known and p not in known]
-        if outside:  # a class-conditional checkpoint was taught its prompt set only
-            raise ValueError(f"--prompts: {outside[0]!r} is not among the {len(known)} prompts of this class-conditional "
-                             f"checkpoint ({', '.join(map(repr, known[:10]))}{', ...' if len(known) > 10 else ''})")
-        per_class = args.per_class if args.per_class is not None or args.num_samples is not None else 50
-        run = sample_to_dir(model, tokenizer, prompts, args.out, num_samples=args.num_samples, per_class=per_class,
-                            seed=args.seed, steps=args.steps, guidance=args.guidance, batch_size=args.batch_size,
-                            decode=decode, cuda_graphs=not args.no_cuda_graphs, write_npz=not args.no_npz, env=env)
-    except (ValueError, TypeError, FileNotFoundError) as e:
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        if env is not None:
-            shutdown_distributed(env)
-    if env.is_main:
-        where = run.npz or run.out_dir
-        print(f"sampled {run.num_samples} images on {run.world_size} rank(s) in {run.seconds:.2f} s "
-              f"({run.seconds_per_image:.4f} s/img) -> {where}")
-    return 0
+    return run_main(build_parser(), argv, _sample_main)
+
+
+def _sample_main(args, env: DistEnv) -> str:
+    model, tokenizer, decode = load_for_sampling(args.checkpoint, env.device, args.backend)
+    known = model.cfg.extra.get("prompts")
+    prompts = read_prompts(args.prompts) if args.prompts else list(known or _default_prompts())
+    outside = [p for p in prompts if known and p not in known]
+    if outside:  # a class-conditional checkpoint was taught its prompt set only
+        raise ValueError(f"--prompts: {outside[0]!r} is not among the {len(known)} prompts of this class-conditional "
+                         f"checkpoint ({', '.join(map(repr, known[:10]))}{', ...' if len(known) > 10 else ''})")
+    per_class = args.per_class if args.per_class is not None or args.num_samples is not None else 50
+    run = sample_to_dir(model, tokenizer, prompts, args.out, num_samples=args.num_samples, per_class=per_class,
+                        seed=args.seed, steps=args.steps, guidance=args.guidance, batch_size=args.batch_size,
+                        decode=decode, cuda_graphs=not args.no_cuda_graphs, write_npz=not args.no_npz, env=env)
+    return (f"sampled {run.num_samples} images on {run.world_size} rank(s) in {run.seconds:.2f} s "
+            f"({run.seconds_per_image:.4f} s/img) -> {run.npz or run.out_dir}")
 
 
 def _default_prompts() -> Sequence[str]:
