@@ -4,7 +4,7 @@
 argument is a checkpoint directory (one holding ``config.json``, or a ``latteflow train`` output folder
 holding ``model/``). A checkpoint that does not store its frozen backbone records the backbone's seed and
 the SHA-256 of its weights: the backbone is rebuilt from the seed and the checksum must match. Every file
-the checkpoint records is checked against its SHA-256 as it is read (``latteflow.checkpoint``).
+the checkpoint records is checked against its SHA-256 as it is read (``latteflow.core.checkpoint``).
 
 A class-conditional checkpoint records its prompt set (``extra["prompts"]`` of its config; the digits
 model's ten ``"digit 0"`` .. ``"digit 9"``): ``pipe.prompts`` lists it and a prompt outside it is refused

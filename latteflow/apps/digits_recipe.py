@@ -7,9 +7,9 @@ the shipped checkpoint and ``latteflow/experiments.py``.
 - Latents: the pixel autoencoder (1 channel, patch 1): 8x8 digits in [-1, 1] = 64 image tokens.
 - The frozen backbone's context for the 10 prompts and the null prompt is built once; a training batch
   gathers its rows (same numbers as building it per batch, without the repeated forward).
-- EMA of the trainable weights (the exported model uses them); ``latteflow.train`` saves it beside
+- EMA of the trainable weights (the exported model uses them); ``latteflow.training.loop`` saves it beside
   every periodic checkpoint so ``--resume`` continues it exactly.
-- An output folder: ``checkpoints/`` (``step_<k>`` and ``ema/``, see ``latteflow.train``),
+- An output folder: ``checkpoints/`` (``step_<k>`` and ``ema/``, see ``latteflow.training.loop``),
   ``losses.csv`` (``step,loss``, one row per step: a resume drops the rows after its checkpoint) and
   ``model/`` (the exported EMA model with ``tokenizer.json`` and ``MANIFEST.json``, saved atomically).
   A run first removes what a killed run left (temporaries, EMA files of unfinished checkpoints).
@@ -140,7 +140,7 @@ def sample_labels(model: LatteFlowModel, contexts: PromptContexts, labels: Tenso
 
 def evaluate_model(model: LatteFlowModel, contexts: PromptContexts, *, per_class: int = 50, steps: int = 40,
                    guidance: float = 5.0, seed: int = 0, progress: bool = False) -> Dict[str, float]:
-    """Samples ``per_class`` digits of each class and scores them (``latteflow.evaluate``); adds the
+    """Samples ``per_class`` digits of each class and scores them (``latteflow.evaluation.scores``); adds the
     sampling seconds per image."""
     from latteflow.evaluation.scores import evaluate
 

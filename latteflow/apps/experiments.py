@@ -6,7 +6,7 @@
 (b) sampling seconds per image of each (LaTtE-Flow runs L/K layers per step, Vanilla all L);
 (c) LaTtE-Flow with and without residual attention at equal steps.
 
-Every model uses the digits recipe of the shipped checkpoint (``latteflow.digits``: same backbone,
+Every model uses the digits recipe of the shipped checkpoint (``latteflow.apps.digits_recipe``: same backbone,
 batch, lr, EMA, seed); scores use the EMA weights, ``--per-class`` samples per class, 40 Euler steps,
 guidance 5. Sampling times are medians over ``--timing-repeats`` interleaved rounds (A, B, C, A, B, C,
 ...) so that load from other processes on a shared machine hits every model alike.

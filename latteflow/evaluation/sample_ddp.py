@@ -11,7 +11,7 @@ samples and ``manifest.json`` (prompts, settings, timings).
 
 ``sample_to_dir(model, tokenizer, prompts, out_dir, ...)`` is the core and takes an already-built
 model; ``main(argv)`` is the command line (``--checkpoint PATH|digits``). Also runs as a plain
-``python -m latteflow.sample_ddp`` (world size 1).
+``python -m latteflow.evaluation.sample_ddp`` (world size 1).
 """
 from __future__ import annotations
 

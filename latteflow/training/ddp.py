@@ -12,7 +12,7 @@
   hooks see every step); the frozen couple backbone is inside it with no gradients, so DDP reduces
   only the trainable parameters. ``fsdp=True`` (blend variants, whose backbone trains) shards with
   FSDP2 ``fully_shard`` instead (units: see ``_apply_fsdp``).
-- **Checkpoints.** Rank 0 writes the ``latteflow.checkpoint`` format atomically with the full,
+- **Checkpoints.** Rank 0 writes the ``latteflow.core.checkpoint`` format atomically with the full,
   unsharded weights (FSDP2 gathers them through ``torch.distributed.checkpoint.state_dict``) and a
   ``trainer.pt`` holding the step, the optimizer state keyed by parameter names (full) and the seeds.
   Nothing in it depends on the world size, so a run resumes on any number of ranks.
