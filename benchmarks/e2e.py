@@ -64,6 +64,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from latteflow.apps.bench import add_arguments
+# the measurement's names stay reachable here too (callers and tests of this script use e2e.MODES, ...)
 from latteflow.evaluation.speed import (BASELINE, MODE_NAMES, MODES, Mode, Setup, build_backbone_for,  # noqa: F401
                                         build_model, class_prompts, dc_ae_config, generate, make_setup,
                                         profile_table, select_modes, time_decode, time_mode, time_runs)
