@@ -85,8 +85,9 @@ setup(
     version="0.1.0",
     description="Fused kernels and a fast sampler for LaTtE-Flow (layerwise timestep-expert flow transformers)",
     python_requires=">=3.10",
-    packages=find_packages(include=["latte_kernels", "latte_kernels.*", "latteflow", "latteflow.*", "benchmarks"])
-    + ASSET_PACKAGES,
+    # benchmarks/ is not installed (a top-level ``benchmarks`` would collide with other projects'): it runs
+    # from a checkout, ``python -m benchmarks.<name>`` in the repository root
+    packages=find_packages(include=["latte_kernels", "latte_kernels.*", "latteflow", "latteflow.*"]) + ASSET_PACKAGES,
     package_data={"latteflow.assets.digits": ["*.json", "*.safetensors"]},
     include_package_data=True,
     entry_points={"console_scripts": ["latteflow=latteflow.apps.cli:main"]},

@@ -5,6 +5,10 @@
     python -m benchmarks.e2e --small         # the small configuration (what a CPU-only machine always runs);
                                              # rows to --out, else to a new temporary folder (printed)
 
+The measurement (the configurations, the modes, one timed run) is ``latteflow.evaluation.speed``, shared
+with ``latteflow bench`` (same flags); this script adds the comparisons: the roofline floor per mode, the
+speedup over the baseline, the rows of the results table and the profile tables.
+
 The paper configuration (SPEC 5): a random-weight backbone with the text shapes of Qwen2-VL-2B
 (``paper_qwen2vl_config()``: 28 layers, hidden 1536, 12 heads, 2 KV heads, head_dim 128, MLP 8960;
 nothing is downloaded), K = 4 expert groups of M = 7 layers, an 8 x 8 grid of 64 image tokens with 32
@@ -53,63 +57,20 @@ ignores activation traffic (at batch 1 it stays in L2, at batch 50 the step is c
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from latteflow.apps.argtypes import finite_float, positive_int
+from latteflow.apps.bench import add_arguments
+# the measurement's names stay reachable here too (callers and tests of this script use e2e.MODES, ...)
+from latteflow.evaluation.speed import (BASELINE, MODE_NAMES, MODES, Mode, Setup, build_backbone_for,  # noqa: F401
+                                        build_model, class_prompts, dc_ae_config, generate, make_setup,
+                                        profile_table, select_modes, time_decode, time_mode, time_runs)
 
 from .common import (RESULTS_DIR, device_name, measure_copy_bandwidth_gbps, measure_matmul_tflops, peak_memory_mb,
                      results_path, write_row)
-
-# ----------------------------------------------------------------------------------------------------
-# modes
-
-
-@dataclass(frozen=True)
-class Mode:
-    name: str
-    variant: str
-    backend: str
-    cuda_graphs: bool = False
-    compile: bool = False
-
-    @property
-    def needs_cuda(self) -> bool:
-        return self.cuda_graphs or self.compile
-
-
-MODES: Tuple[Mode, ...] = (
-    Mode("vanilla_couple-eager-reference", "vanilla_couple", "reference"),
-    Mode("latte-eager-reference", "couple", "reference"),
-    Mode("latte-eager-fused", "couple", "fused"),
-    Mode("latte-graphs-fused", "couple", "fused", cuda_graphs=True),
-    Mode("latte-compile-reference", "couple", "reference", compile=True),
-)
-BASELINE = MODES[0].name
-MODE_NAMES = tuple(m.name for m in MODES)
-
-
-@dataclass(frozen=True)
-class Setup:
-    """What one benchmark run builds: the backbone, the groups, the data shapes."""
-
-    small: bool
-    device: torch.device
-    dtype: torch.dtype
-    num_groups: int
-    grid_hw: Tuple[int, int]
-    latent_channels: int
-    steps: int
-    guidance: float
-    batches: Tuple[int, ...]
-    repeats: int
-
 
 # ----------------------------------------------------------------------------------------------------
 # roofline arithmetic
@@ -187,117 +148,6 @@ def sample_cost(model, batch: int, prompt_len: int, steps: int, guided: bool = T
 
 
 # ----------------------------------------------------------------------------------------------------
-# building
-
-
-def dc_ae_config(small: bool) -> Dict[str, object]:
-    """An ``AutoencoderDC`` config: dc-ae-f32c32-in-1.0's architecture (32 latent channels, 32x spatial
-    compression over six stages of widths 128..1024, ResBlocks then EfficientViT blocks, batch-norm/ReLU
-    then RMSNorm/SiLU decoder stages), or, ``small``, the same structure at toy widths."""
-    widths = (8, 8, 16, 16, 32, 32) if small else (128, 256, 512, 512, 1024, 1024)
-    return dict(
-        in_channels=3, latent_channels=32, attention_head_dim=8 if small else 32,
-        encoder_block_types=["ResBlock"] * 3 + ["EfficientViTBlock"] * 3,
-        decoder_block_types=["ResBlock"] * 3 + ["EfficientViTBlock"] * 3,
-        encoder_block_out_channels=widths, decoder_block_out_channels=widths,
-        encoder_layers_per_block=(0, 1, 1, 1, 1, 1) if small else (0, 4, 8, 2, 2, 2),
-        decoder_layers_per_block=(0, 1, 1, 1, 1, 1) if small else (0, 5, 10, 2, 2, 2),
-        encoder_qkv_multiscales=((),) * 6, decoder_qkv_multiscales=((),) * 6,
-        decoder_norm_types=["batch_norm"] * 3 + ["rms_norm"] * 3, decoder_act_fns=["relu"] * 3 + ["silu"] * 3,
-        scaling_factor=0.3189,
-    )
-
-
-def build_backbone_for(setup: Setup):
-    from latteflow.text.backbones import build_backbone, paper_qwen2vl_config, tiny_qwen2vl_config
-
-    config = tiny_qwen2vl_config() if setup.small else paper_qwen2vl_config()
-    return build_backbone(config, seed=0, dtype=setup.dtype, device=setup.device)
-
-
-def build_model(backbone, setup: Setup, variant: str, backend: str, seed: int = 0):
-    """A ``LatteFlowModel`` over ``backbone`` whose zero-initialised output heads and residual gates get
-    small random values (so every path computes something non-trivial, as in a trained model)."""
-    from latteflow import LatteFlowConfig, LatteFlowModel
-
-    cfg = LatteFlowConfig(variant=variant, num_groups=setup.num_groups, latent_channels=setup.latent_channels,
-                          grid_hw=setup.grid_hw, backend=backend)
-    model = LatteFlowModel(backbone, cfg).eval()
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for group in model.groups:
-            w = group.proj_out.weight
-            w.copy_(torch.randn(w.shape, generator=gen) * 0.02)
-            for layer in group.layers:
-                if layer.gate is not None:
-                    g = layer.gate.weight
-                    g.copy_(torch.randn(g.shape, generator=gen) * 0.02)
-    return model
-
-
-def class_prompts(batch: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``batch`` class prompts ("class 000", ...; 11 tokens each) followed by the null prompt ("", 2 tokens),
-    right-padded into one ``(batch + 1, 11)`` batch."""
-    from latteflow.text.tokenizer import CharTokenizer
-
-    return CharTokenizer().encode([f"class {i % 1000:03d}" for i in range(batch)] + [""], device=device)
-
-
-def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, steps: int, guidance: float,
-             cuda_graphs: bool) -> torch.Tensor:
-    """What one timed run does: the prefill (conditional rows and the null row in one backbone call),
-    then T guided Euler steps. Returns the latents."""
-    from latteflow import Context
-
-    batch = input_ids.shape[0] - 1
-    with torch.no_grad():
-        ctx_all: Context = model.build_context(input_ids, attention_mask)
-        rows = torch.arange(batch + 1, device=input_ids.device)
-        ctx, null_ctx = ctx_all.index_select(rows[:batch]), ctx_all.index_select(rows[batch:])
-        generator = torch.Generator().manual_seed(0)
-        return model.sample(ctx, null_ctx, steps=steps, guidance=guidance, generator=generator,
-                            cuda_graphs=cuda_graphs)
-
-
-# ----------------------------------------------------------------------------------------------------
-# timing
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_runs(fn: Callable[[], object], device: torch.device, repeats: int) -> Dict[str, float]:
-    """Wall-clock ms of ``repeats`` calls (device synchronised around each): p50, p20, p80."""
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    if len(times) == 1:
-        return {"ms_p50": times[0], "ms_p20": times[0], "ms_p80": times[0]}
-    q = statistics.quantiles(times, n=10, method="inclusive")
-    return {"ms_p50": statistics.median(times), "ms_p20": q[1], "ms_p80": q[7]}
-
-
-def _compiled(model):
-    """``model.group_velocity`` replaced (on this instance) by ``torch.compile(mode="max-autotune")`` of it;
-    the sampler calls ``model.group_velocity``, so ``model.sample`` runs the compiled graphs."""
-    torch._dynamo.reset()  # a fresh compile per batch shape, never a silent dynamic-shape recompile
-    model.group_velocity = torch.compile(type(model).group_velocity.__get__(model), mode="max-autotune",
-                                         dynamic=False)
-    return model
-
-
-def _uncompiled(model) -> None:
-    model.__dict__.pop("group_velocity", None)
-    torch._dynamo.reset()
-
-
-# ----------------------------------------------------------------------------------------------------
 # main
 
 
@@ -306,64 +156,17 @@ def build_parser(prog: str = "python -m benchmarks.e2e",
     """The command line; ``latteflow bench`` passes its own name and a parser class whose errors are one line."""
     parser = parser_class(prog=prog, description=__doc__.split("\n\n")[0],
                           epilog="See the module docstring (or benchmarks/README.md) for what is timed.")
-    parser.add_argument("--small", action="store_true",
-                        help="tiny backbone, K=4, 4x4 grid, T=4, batch 2, float32, eager modes only "
-                             "(always on without CUDA); rows go to a new temporary folder unless --out is given")
-    parser.add_argument("--batch", type=positive_int, nargs="+", default=None,
-                        help="batch sizes (default: 1 50; small: 2)")
-    parser.add_argument("--steps", type=positive_int, default=None, help="Euler steps T (default 40; small: 4)")
-    parser.add_argument("--guidance", type=finite_float, default=5.0, help="CFG weight (default 5)")
-    parser.add_argument("--repeats", type=positive_int, default=None,
-                        help="timed runs per mode and batch, after one warm-up run (default 5; small: 3)")
-    parser.add_argument("--modes", nargs="+", choices=MODE_NAMES, default=None,
-                        help="modes to run (default: all that the device supports)")
-    parser.add_argument("--no-compile", action="store_true", help="skip latte-compile-reference")
-    parser.add_argument("--no-decode", action="store_true", help="skip the DC-AE decode timing")
-    parser.add_argument("--profile", action="store_true",
-                        help="also write a torch.profiler table of the top kernels per mode and batch "
-                             "(benchmarks/results/<device>_e2e_profile.txt; beside --out when given; a temp "
-                             "file for small/CPU runs)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="CSV to append rows to (default: benchmarks/results/<gpu>.csv for the paper "
-                             "configuration on CUDA, else e2e_smoke.csv in a new temporary folder, printed)")
-    return parser
+    return add_arguments(
+        parser,
+        profile_help="also write a torch.profiler table of the top kernels per mode and batch "
+                     "(benchmarks/results/<device>_e2e_profile.txt; beside --out when given; a temp "
+                     "file for small/CPU runs)",
+        out_help="CSV to append rows to (default: benchmarks/results/<gpu>.csv for the paper "
+                 "configuration on CUDA, else e2e_smoke.csv in a new temporary folder, printed)")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return build_parser().parse_args(argv)
-
-
-def make_setup(args: argparse.Namespace) -> Setup:
-    cuda = torch.cuda.is_available()
-    small = args.small or not cuda
-    return Setup(
-        small=small,
-        device=torch.device("cuda" if cuda else "cpu"),
-        dtype=torch.float32 if small else torch.bfloat16,
-        num_groups=4,
-        grid_hw=(4, 4) if small else (8, 8),
-        latent_channels=32,
-        steps=args.steps or (4 if small else 40),
-        guidance=args.guidance,
-        batches=tuple(args.batch or ((2,) if small else (1, 50))),
-        repeats=args.repeats or (3 if small else 5),
-    )
-
-
-def select_modes(args: argparse.Namespace, setup: Setup) -> List[Mode]:
-    chosen = [m for m in MODES if args.modes is None or m.name in args.modes]
-    out = []
-    for m in chosen:
-        if m.compile and args.no_compile:
-            continue
-        if m.needs_cuda and (setup.small or setup.device.type != "cuda"):
-            if args.modes is not None:
-                print(f"skipping {m.name}: CUDA graphs and torch.compile run only in the CUDA paper configuration")
-            continue
-        out.append(m)
-    if not out:
-        raise ValueError("--modes / --no-compile / --small leave no mode to run on this device")
-    return out
 
 
 def _out_paths(args: argparse.Namespace, setup: Setup) -> Tuple[Path, Path]:
@@ -378,38 +181,16 @@ def _out_paths(args: argparse.Namespace, setup: Setup) -> Tuple[Path, Path]:
     return folder / "e2e_smoke.csv", folder / "e2e_smoke_profile.txt"
 
 
-def _profile(fn: Callable[[], object], device: torch.device, title: str, path: Path) -> None:
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
-        fn()
-        _sync(device)
-    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    with path.open("a") as f:
-        f.write(f"=== {title} ===\n{prof.key_averages().table(sort_by=key, row_limit=20)}\n\n")
-
-
 def _decode(setup: Setup, batch: int, csv_path: Path) -> Optional[Dict[str, float]]:
     try:
-        from latteflow.data.vae import DCAutoencoder
-
-        vae = DCAutoencoder.from_config(dc_ae_config(setup.small))
+        name, zs, xs, t, mem = time_decode(setup, batch, lambda fn: peak_memory_mb(fn, setup.device))
     except ImportError as e:
         print(f"DC-AE decode skipped: {e} (pip install diffusers, or the package's 'dcae' extra)")
         return None
-    vae = vae.to(device=setup.device, dtype=setup.dtype)
-    gen = torch.Generator().manual_seed(0)
-    latents = torch.randn(batch, 32, *setup.grid_hw, generator=gen).to(setup.device, setup.dtype)
-    with torch.no_grad():
-        images = vae.decode(latents)  # warm-up (cuDNN algorithm choice)
-        t = time_runs(lambda: vae.decode(latents), setup.device, setup.repeats)
-        mem = peak_memory_mb(lambda: vae.decode(latents), setup.device)
-    name = "dc-ae-f32c32" if not setup.small else "dc-ae-f32c32-toy"
     shape = f"B={batch},T={setup.steps}"
     write_row(dict(op="e2e", provider=name, mode="decode", shape=shape, peak_mem_mb="" if mem is None else mem, **t),
               setup.device, csv_path)
-    print(f"{name:32s} B={batch:<3d} decode {tuple(latents.shape)} -> {tuple(images.shape)}: "
+    print(f"{name:32s} B={batch:<3d} decode {zs} -> {xs}: "
           f"s/img p50 {t['ms_p50'] / 1e3 / batch:.4g} (p20 {t['ms_p20'] / 1e3 / batch:.4g}, "
           f"p80 {t['ms_p80'] / 1e3 / batch:.4g}), reported apart from sampling")
     return t
@@ -455,26 +236,15 @@ def main(argv: Optional[Sequence[str]] = None,
             if key not in models:
                 models[key] = build_model(backbone, setup, mode.variant, mode.backend)
             model = models[key]
-            run = lambda: generate(model, ids, mask, setup.steps, setup.guidance, mode.cuda_graphs)  # noqa: E731
-            compile_s = None
-            if mode.compile:
-                _compiled(model)
-                _sync(dev)
-                t0 = time.perf_counter()
-            try:
-                run()  # warm-up: autotuning, cuBLAS heuristics, the compile
-                if mode.compile:
-                    _sync(dev)
-                    first_s = time.perf_counter() - t0
-                t = time_runs(run, dev, setup.repeats)
+
+            def after(run, title=f"{mode.name} {shape}"):  # while the mode is in force: memory, profile
                 mem = peak_memory_mb(run, dev)
                 if args.profile:
-                    _profile(run, dev, f"{mode.name} {shape}", profile_path)
-            finally:
-                if mode.compile:
-                    _uncompiled(model)
+                    profile_table(run, dev, title, profile_path)
+                return mem
+
+            t, compile_s, mem = time_mode(model, mode, ids, mask, setup, after)
             if mode.compile:
-                compile_s = max(first_s - t["ms_p50"] / 1e3, 0.0)
                 write_row(dict(op="e2e_compile", provider=mode.name, mode="compile", shape=shape,
                                ms_p50=compile_s * 1e3, ms_p20=compile_s * 1e3, ms_p80=compile_s * 1e3), dev, csv_path)
             pre_f, pre_b, step_costs = sample_cost(model, batch, prompt_len, setup.steps)

@@ -4,7 +4,7 @@ Each op lives in its own module (kernels, launcher, torch.library registration, 
 ``_backend`` decides which implementation runs; ``reference`` holds the plain-PyTorch ground truth.
 Importing this package never needs a GPU, nvcc or a compiler.
 """
-from .context_attention import context_attention
+from .context_attention import check_ctx_lens, context_attention
 from .latte_attention import latte_attention
 from .merge import merge_attention_states
 from .residual_attention import residual_attention
@@ -17,5 +17,6 @@ __all__ = [
     "context_attention",
     "residual_attention",
     "latte_attention",
+    "check_ctx_lens",
 ]
 __version__ = "0.1.0"

@@ -69,6 +69,26 @@ def ensure_registered() -> bool:
     return True
 
 
+def check_ctx_lens(ctx_lens: Tensor, num_keys: int) -> Tensor:
+    """Checks the valid-key counts ``ctx_lens`` that ``context_attention`` and ``latte_attention`` take:
+    an int32/int64 ``(B,)`` tensor with every value in ``[0, num_keys]`` (``num_keys``: the padded
+    context length Nc). TypeError for a wrong type or dtype, ValueError for a wrong shape or value;
+    returns ``ctx_lens``.
+
+    The values are read on the host (one synchronisation for a CUDA tensor), except during CUDA-graph
+    capture and ``torch.compile`` tracing, where reading them is not allowed and only the shape and
+    dtype are checked (the kernels clamp the lengths to ``[0, Nc]``, so nothing reads out of bounds).
+    Check once per call of a model, then run the ops inside it without per-layer host reads.
+    """
+    V.check_tensor("ctx_lens", ctx_lens, ndim=1, dtypes=V.INT_DTYPES)
+    if isinstance(num_keys, bool) or not isinstance(num_keys, int):
+        raise TypeError(f"num_keys must be an int, got {type(num_keys).__name__}")
+    if num_keys < 0:
+        raise ValueError(f"num_keys must be non-negative, got {num_keys}")
+    V.check_ctx_lens_values(ctx_lens, num_keys)
+    return ctx_lens
+
+
 def context_attention(
     q: Tensor, k_ctx: Tensor, v_ctx: Tensor, ctx_lens: Optional[Tensor] = None, *, scale: Optional[float] = None
 ) -> Tuple[Tensor, Tensor]:

@@ -8,20 +8,26 @@ world size 1 without a process group, and every collective here becomes a no-op.
 ``derive_seed(base, *keys)`` turns a base seed and integer keys (a global sample index, a step, a
 position in the global batch) into a 63-bit seed through NumPy's ``SeedSequence``: the randomness of
 a sample depends on what it is, never on which rank or batch computes it.
+
+``run_main`` is the skeleton of a torchrun entry point (``latteflow.evaluation.sample_ddp``,
+``latteflow.training.ddp``): parse, join the group, run, leave the group, one error line and status 2
+for bad input; ``MainParser`` is the parser whose errors are that one line.
 """
 from __future__ import annotations
 
+import argparse
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, List, Optional
+from typing import Any, Callable, List, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistEnv", "all_gather_objects", "barrier", "broadcast_object", "derive_seed", "init_distributed",
-           "shutdown_distributed"]
+__all__ = ["DistEnv", "MainParser", "all_gather_objects", "barrier", "broadcast_object", "derive_seed",
+           "init_distributed", "run_main", "shutdown_distributed"]
 
 
 @dataclass(frozen=True)
@@ -135,3 +141,33 @@ def derive_seed(base: int, *keys: int) -> int:
             raise ValueError(f"seed keys must be non-negative ints, got {values!r} (position {i})")
     hi, lo = np.random.SeedSequence([int(v) for v in values]).generate_state(2, dtype=np.uint32)
     return ((int(hi) << 32) | int(lo)) & ((1 << 63) - 1)
+
+
+class MainParser(argparse.ArgumentParser):
+    """An argparse parser whose errors are one line, ``<prog>: error: <message>``, with exit status 2
+    (no usage dump)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def run_main(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]],
+             body: Callable[[argparse.Namespace, DistEnv], Optional[str]]) -> int:
+    """Runs a torchrun entry point: parses ``argv``, joins the process group on ``args.device``, runs
+    ``body(args, env)`` and leaves the group again whatever happens. A ValueError, TypeError or
+    FileNotFoundError (bad input) prints one ``<prog>: error: ...`` line on stderr and returns 2;
+    otherwise rank 0 prints the summary line ``body`` returns (None: nothing) and 0 is returned."""
+    args = parser.parse_args(argv)
+    env = None
+    try:
+        env = init_distributed(args.device)
+        summary = body(args, env)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if env is not None:
+            shutdown_distributed(env)
+    if env.is_main and summary:
+        print(summary)
+    return 0

@@ -1,1 +1,1 @@
-
+"""Applications: the ``latteflow`` command line, the digits recipe, experiments, bench (the top floor)."""

@@ -4,7 +4,7 @@
                      [--checkpoint digits] (no --prompt: up to 10 of the checkpoint's prompt set)
     latteflow train --data digits --out DIR --steps N --seed S [--resume ...]
     latteflow eval [--checkpoint digits --per-class 50 --steps 40 --guidance 5 --seed 0]
-    latteflow bench ...            (benchmarks.e2e)
+    latteflow bench ...            (latteflow.apps.bench: s/img per mode and batch)
     latteflow sample --distributed ...   (under torchrun: latteflow.evaluation.sample_ddp)
     latteflow train --distributed ...    (under torchrun: latteflow.training.ddp)
     latteflow eval --fid ...             (torch-fidelity scores: latteflow.evaluation.fid)
@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="FID / IS / precision-recall of an .npz or PNG folder with local Inception weights (latteflow.evaluation.fid)")
     _add_sampling(p)
 
-    sub.add_parser("bench", help="end-to-end benchmark (benchmarks.e2e); every later argument passes through",
+    sub.add_parser("bench", help="s/img of sampling per mode and batch (latteflow.apps.bench); every later argument passes through",
                    add_help=False)
     return parser
 
@@ -126,7 +126,7 @@ def _cmd_sample(a) -> int:
     import torch
 
     from latteflow.data.images import save_image_grid
-    from latteflow.apps.pipeline import load_pipeline, sample_prompts
+    from latteflow.pipeline import load_pipeline, sample_prompts
 
     _png_out(a.out)
     pipe = load_pipeline(a.checkpoint, device=a.device)
@@ -189,7 +189,7 @@ def _print_scores(r: dict, device: str) -> None:
 def _cmd_eval(a) -> int:
     from latteflow.apps.digits_recipe import PromptContexts, evaluate_model
 
-    from latteflow.apps.pipeline import load_pipeline
+    from latteflow.pipeline import load_pipeline
 
     if a.out is not None:
         _png_out(a.out)
@@ -217,14 +217,10 @@ BENCH_PROG = f"{PROG} bench"
 
 
 def _cmd_bench(a) -> int:
-    import importlib
+    from latteflow.apps import bench
 
-    try:
-        e2e = importlib.import_module("benchmarks.e2e")
-    except ImportError as e:
-        raise UsageError(f"bench needs the benchmarks.e2e module, which is not importable here ({e})") from None
-    rc = e2e.main(list(a.args), parser=e2e.build_parser(BENCH_PROG, _Parser))
-    return int(rc) if isinstance(rc, int) else 0
+    bench.main(list(a.args), parser=bench.build_parser(BENCH_PROG, _Parser))
+    return 0
 
 
 # ``<command> <flag>`` hands every other argument to that module's own command line
@@ -268,7 +264,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if argv in ([], ["-h"], ["--help"]) or (argv and argv[0] == "help"):
             parser.print_help()
             return 0 if argv else EXIT_USAGE
-        if argv[0] == "bench":  # everything after it belongs to benchmarks.e2e, flags included
+        if argv[0] == "bench":  # everything after it belongs to latteflow.apps.bench, flags included
             return _cmd_bench(argparse.Namespace(args=argv[1:]))
         delegated = _delegated(argv)
         if delegated is not None:

@@ -7,16 +7,15 @@ the shipped checkpoint and ``latteflow/experiments.py``.
 - Latents: the pixel autoencoder (1 channel, patch 1): 8x8 digits in [-1, 1] = 64 image tokens.
 - The frozen backbone's context for the 10 prompts and the null prompt is built once; a training batch
   gathers its rows (same numbers as building it per batch, without the repeated forward).
-- EMA of the trainable weights (the exported model uses them); ``latteflow.train`` saves it beside
+- EMA of the trainable weights (the exported model uses them); ``latteflow.training.loop`` saves it beside
   every periodic checkpoint so ``--resume`` continues it exactly.
-- An output folder: ``checkpoints/`` (``step_<k>`` and ``ema/``, see ``latteflow.train``),
+- An output folder: ``checkpoints/`` (``step_<k>`` and ``ema/``, see ``latteflow.training.loop``),
   ``losses.csv`` (``step,loss``, one row per step: a resume drops the rows after its checkpoint) and
   ``model/`` (the exported EMA model with ``tokenizer.json`` and ``MANIFEST.json``, saved atomically).
   A run first removes what a killed run left (temporaries, EMA files of unfinished checkpoints).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -26,7 +25,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 from torch import Tensor
 
-from latteflow.text.backbones import build_backbone, tiny_qwen2vl_config
+from latteflow.text.backbones import backbone_checksum, build_backbone, tiny_qwen2vl_config
 from latteflow.core.checkpoint import atomic_write_bytes, clean_temporaries, save_checkpoint
 from latteflow.core.config import LatteFlowConfig
 from latteflow.core.context import Context
@@ -53,17 +52,6 @@ LOSSES_NAME = "losses.csv"
 
 def digits_backbone_config(tokenizer: Optional[CharTokenizer] = None):
     return tiny_qwen2vl_config(tokenizer, **DIGITS_BACKBONE)
-
-
-def backbone_checksum(backbone: torch.nn.Module) -> str:
-    """SHA-256 over the backbone's tensors (names, shapes, float32 bytes, in name order)."""
-    h = hashlib.sha256()
-    for name, t in sorted(backbone.state_dict().items()):
-        t = t.detach().to("cpu", torch.float32).contiguous()
-        h.update(name.encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.numpy().tobytes())
-    return h.hexdigest()
 
 
 @dataclass
@@ -152,7 +140,7 @@ def sample_labels(model: LatteFlowModel, contexts: PromptContexts, labels: Tenso
 
 def evaluate_model(model: LatteFlowModel, contexts: PromptContexts, *, per_class: int = 50, steps: int = 40,
                    guidance: float = 5.0, seed: int = 0, progress: bool = False) -> Dict[str, float]:
-    """Samples ``per_class`` digits of each class and scores them (``latteflow.evaluate``); adds the
+    """Samples ``per_class`` digits of each class and scores them (``latteflow.evaluation.scores``); adds the
     sampling seconds per image."""
     from latteflow.evaluation.scores import evaluate
 

@@ -6,7 +6,7 @@
 (b) sampling seconds per image of each (LaTtE-Flow runs L/K layers per step, Vanilla all L);
 (c) LaTtE-Flow with and without residual attention at equal steps.
 
-Every model uses the digits recipe of the shipped checkpoint (``latteflow.digits``: same backbone,
+Every model uses the digits recipe of the shipped checkpoint (``latteflow.apps.digits_recipe``: same backbone,
 batch, lr, EMA, seed); scores use the EMA weights, ``--per-class`` samples per class, 40 Euler steps,
 guidance 5. Sampling times are medians over ``--timing-repeats`` interleaved rounds (A, B, C, A, B, C,
 ...) so that load from other processes on a shared machine hits every model alike.
@@ -64,7 +64,7 @@ def _train_one(name: str, recipe: DigitsRecipe, work: str, steps: int, eval_at: 
 
 
 def _time_sampling(work: str, names: List[str], repeats: int, batch: int, steps: int, guidance: float) -> Dict[str, dict]:
-    from latteflow.apps.pipeline import load_pipeline
+    from latteflow.pipeline import load_pipeline
     from latteflow.core.sampler import group_step_counts, sample
 
     pipes = {n: load_pipeline(os.path.join(work, n)) for n in names}  # n: a trained model's folder

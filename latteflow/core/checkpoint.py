@@ -178,7 +178,7 @@ def save_checkpoint(model, path: str, *, trainer_state: Optional[Dict[str, Any]]
                     files: Optional[Mapping[str, bytes]] = None) -> str:
     """Saves ``model`` (a ``LatteFlowModel``) to the directory ``path`` atomically; returns ``path``.
 
-    ``trainer_state`` (optimizer state, step, RNG states: see ``latteflow.train``) goes to
+    ``trainer_state`` (optimizer state, step, RNG states: see ``latteflow.training.loop``) goes to
     ``trainer.pt``; ``files`` (name -> bytes) are written beside the weights in the same atomic step
     (e.g. ``tokenizer.json``). ``config.json`` records every file's SHA-256 and is written last. An
     existing directory at ``path`` is replaced."""

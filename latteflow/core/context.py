@@ -7,16 +7,18 @@ valid tokens sit at the front, keys at index ``>= ctx_lens[b]`` are padding (the
 null-prompt rows for classifier-free guidance) without ever mixing their keys.
 
 ``build_context`` runs the backbone once over the prompt; ``LatteFlowModel.build_context`` calls it.
+``PromptContexts`` builds and pads the contexts of a whole prompt list, chunk by chunk, for samplers
+and trainers that index prompts by number.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-from latte_kernels import _validate
+import latte_kernels as lk
 
 
 @dataclass(frozen=True)
@@ -43,7 +45,7 @@ class Context:
         """Checks ``0 <= ctx_lens <= Nc`` (one host read, skipped inside CUDA-graph capture and
         torch.compile). The model does this once per call, so its generation layers run the attention
         op without per-layer checks, each of which would be a host sync on CUDA."""
-        _validate.check_ctx_lens_values(self.ctx_lens, self.max_len)
+        lk.check_ctx_lens(self.ctx_lens, self.max_len)
         return self
 
     @property
@@ -254,3 +256,35 @@ def build_context(
         keys.append(k.transpose(1, 2).contiguous())  # BSHD, contiguous once rather than per step
         values.append(v.transpose(1, 2).contiguous())
     return Context(tuple(keys), tuple(values), lens.to(torch.int32))
+
+
+class PromptContexts:
+    """Contexts of a prompt list, built lazily in fixed chunks of the list (so a prompt's context does
+    not depend on which rank or batch asks for it) and padded to one common length, plus the null
+    prompt's. ``tokenizer.encode(texts, device=)`` returns ``(input_ids, attention_mask)``."""
+
+    def __init__(self, model, tokenizer, prompts: Sequence[str], chunk: int = 256):
+        if not prompts:
+            raise ValueError("prompts must hold at least one prompt")
+        self.model, self.tokenizer, self.prompts, self.chunk = model, tokenizer, list(prompts), chunk
+        lengths = [int(tokenizer.encode(self.prompts[i:i + chunk])[1].sum(1).max())
+                   for i in range(0, len(self.prompts), chunk)]
+        self.null = self._build([""])
+        self.length = max(max(lengths), self.null.max_len)
+        self.null = self.null.pad_to(self.length)
+        self._chunks: Dict[int, Context] = {}
+
+    def _build(self, texts: List[str]) -> Context:
+        ids, mask = self.tokenizer.encode(texts, device=self.model.device)
+        with torch.no_grad():
+            return self.model.build_context(ids, mask)
+
+    def rows(self, prompt_index: Sequence[int]) -> Context:
+        """The contexts of prompts ``prompt_index`` (one row each, in order)."""
+        parts = []
+        for p in prompt_index:
+            c, j = divmod(int(p), self.chunk)
+            if c not in self._chunks:
+                self._chunks[c] = self._build(self.prompts[c * self.chunk:(c + 1) * self.chunk]).pad_to(self.length)
+            parts.append(self._chunks[c].index_select(torch.tensor([j])))
+        return Context.cat(parts)

@@ -121,7 +121,7 @@ class LatteFlowModel(nn.Module):
     # ----------------------------------------------------------------------------------------------
     def build_context(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
                       pixel_values: Optional[Tensor] = None, image_grid_thw: Optional[Tensor] = None) -> Context:
-        """The prompt's per-layer K/V cache (one backbone forward; see ``latteflow.context``). For the
+        """The prompt's per-layer K/V cache (one backbone forward; see ``latteflow.core.context``). For the
         frozen (couple) backbone it runs without autograd; for blend it records gradients when
         autograd is enabled."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.cfg.is_blend):

@@ -1,1 +1,1 @@
-
+"""Evaluation: classifier scores, FID, distributed sampling and the s/img measurement (imports the floors below it)."""

@@ -6,7 +6,7 @@ Everything comes from local files the user points at; nothing is ever downloaded
 - ``reference``: an ADM-format reference batch ``.npz`` holding ``mu`` and ``sigma`` (statistics of the
   2048-d pool features, for FID) and, for precision / recall, the reference images ``arr_0``
   (uint8 ``N x H x W x 3``);
-- ``samples``: an ADM ``.npz`` (``arr_0``, as ``latteflow.sample_ddp`` writes), a directory of PNGs, or a
+- ``samples``: an ADM ``.npz`` (``arr_0``, as ``latteflow.evaluation.sample_ddp`` writes), a directory of PNGs, or a
   uint8 array ``(N, H, W, C)``, C in {1, 3} (grey is replicated to RGB).
 
 torch-fidelity is imported only here and only when scoring; when the package (or torchvision, which it

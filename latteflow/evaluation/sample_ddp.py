@@ -11,7 +11,7 @@ samples and ``manifest.json`` (prompts, settings, timings).
 
 ``sample_to_dir(model, tokenizer, prompts, out_dir, ...)`` is the core and takes an already-built
 model; ``main(argv)`` is the command line (``--checkpoint PATH|digits``). Also runs as a plain
-``python -m latteflow.sample_ddp`` (world size 1).
+``python -m latteflow.evaluation.sample_ddp`` (world size 1).
 """
 from __future__ import annotations
 
@@ -29,8 +29,8 @@ from torch import Tensor
 
 from latteflow.core.files import atomic_write
 from latteflow.core.checkpoint import load_checkpoint, read_config
-from latteflow.core.context import Context
-from latteflow.distributed import DistEnv, all_gather_objects, barrier, derive_seed, init_distributed, shutdown_distributed
+from latteflow.core.context import PromptContexts
+from latteflow.distributed import DistEnv, MainParser, all_gather_objects, barrier, derive_seed, init_distributed, run_main
 from latteflow.data.images import save_image_grid, to_uint8
 from latteflow.core.sampler import sample
 
@@ -79,38 +79,6 @@ def initial_noise(indices: Sequence[int], shape: Tuple[int, ...], seed: int) -> 
     rows = [torch.randn(shape, generator=torch.Generator().manual_seed(derive_seed(seed, int(i))))
             for i in indices]
     return torch.stack(rows)
-
-
-class PromptContexts:
-    """Contexts of a prompt list, built lazily in fixed chunks of the list (so a prompt's context does
-    not depend on which rank or batch asks for it) and padded to one common length, plus the null
-    prompt's. ``tokenizer.encode(texts, device=)`` returns ``(input_ids, attention_mask)``."""
-
-    def __init__(self, model, tokenizer, prompts: Sequence[str], chunk: int = 256):
-        if not prompts:
-            raise ValueError("prompts must hold at least one prompt")
-        self.model, self.tokenizer, self.prompts, self.chunk = model, tokenizer, list(prompts), chunk
-        lengths = [int(tokenizer.encode(self.prompts[i:i + chunk])[1].sum(1).max())
-                   for i in range(0, len(self.prompts), chunk)]
-        self.null = self._build([""])
-        self.length = max(max(lengths), self.null.max_len)
-        self.null = self.null.pad_to(self.length)
-        self._chunks: Dict[int, Context] = {}
-
-    def _build(self, texts: List[str]) -> Context:
-        ids, mask = self.tokenizer.encode(texts, device=self.model.device)
-        with torch.no_grad():
-            return self.model.build_context(ids, mask)
-
-    def rows(self, prompt_index: Sequence[int]) -> Context:
-        """The contexts of prompts ``prompt_index`` (one row each, in order)."""
-        parts = []
-        for p in prompt_index:
-            c, j = divmod(int(p), self.chunk)
-            if c not in self._chunks:
-                self._chunks[c] = self._build(self.prompts[c * self.chunk:(c + 1) * self.chunk]).pad_to(self.length)
-            parts.append(self._chunks[c].index_select(torch.tensor([j])))
-        return Context.cat(parts)
 
 
 def sample_indices(model, contexts: PromptContexts, indices: Sequence[int], *, seed: int = 0, steps: int = 40,
@@ -240,9 +208,9 @@ def _tokenizer_for(path: str, config: dict):
 
 def _from_pipeline(spec: str, device: torch.device):
     try:
-        from latteflow.apps.pipeline import load_pipeline  # written beside this module; imported only when needed
+        from latteflow.pipeline import load_pipeline  # written beside this module; imported only when needed
     except ImportError as e:
-        raise ValueError(f"--checkpoint {spec!r} needs latteflow.apps.pipeline.load_pipeline, which this install "
+        raise ValueError(f"--checkpoint {spec!r} needs latteflow.pipeline.load_pipeline, which this install "
                          f"lacks ({e}); pass a checkpoint directory that holds its backbone") from None
     pipe = load_pipeline(spec)
     model, tokenizer = getattr(pipe, "model", None), getattr(pipe, "tokenizer", None)
@@ -254,7 +222,7 @@ def _from_pipeline(spec: str, device: torch.device):
 
 def load_for_sampling(checkpoint: str, device: torch.device, backend: Optional[str] = None):
     """``(model, tokenizer, decode)`` for ``checkpoint``: ``"digits"`` (the shipped model, through
-    ``latteflow.apps.pipeline.load_pipeline``) or a checkpoint directory. A directory that holds its
+    ``latteflow.pipeline.load_pipeline``) or a checkpoint directory. A directory that holds its
     backbone loads directly (tokenizer from its metadata, else the package's character tokenizer;
     latents are images); one without goes through ``load_pipeline`` when that module exists."""
     if not isinstance(checkpoint, str) or not checkpoint:
@@ -276,13 +244,8 @@ def load_for_sampling(checkpoint: str, device: torch.device, backend: Optional[s
 
 # ------------------------------------------------------------------------------------------------
 # command line
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, no usage dump
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def build_parser(prog: str = "latteflow sample --distributed") -> argparse.ArgumentParser:
-    p = _Parser(prog=prog, description="Sample a class-balanced (or prompt-file) set of images on every rank "
+    p = MainParser(prog=prog, description="Sample a class-balanced (or prompt-file) set of images on every rank "
                                        "of a torchrun job; write one PNG per sample and an ADM .npz.")
     p.add_argument("--checkpoint", required=True, help="'digits' (the shipped model) or a checkpoint directory")
     p.add_argument("--out", required=True, help="output directory")
@@ -303,33 +266,23 @@ def build_parser(prog: str = "latteflow sample --distributed") -> argparse.Argum
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command line entry point; returns the exit status (0 ok, 2 misuse / bad input)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    env = None
-    try:
-        env = init_distributed(args.device)
-        model, tokenizer, decode = load_for_sampling(args.checkpoint, env.device, args.backend)
-        known = model.cfg.extra.get("prompts")
-        prompts = read_prompts(args.prompts) if args.prompts else list(known or _default_prompts())
-        outside = [p for p in prompts if known and p not in known]
-        if outside:  # a class-conditional checkpoint was taught its prompt set only
-            raise ValueError(f"--prompts: {outside[0]!r} is not among the {len(known)} prompts of this class-conditional "
-                             f"checkpoint ({', '.join(map(repr, known[:10]))}{', ...' if len(known) > 10 else ''})")
-        per_class = args.per_class if args.per_class is not None or args.num_samples is not None else 50
-        run = sample_to_dir(model, tokenizer, prompts, args.out, num_samples=args.num_samples, per_class=per_class,
-                            seed=args.seed, steps=args.steps, guidance=args.guidance, batch_size=args.batch_size,
-                            decode=decode, cuda_graphs=not args.no_cuda_graphs, write_npz=not args.no_npz, env=env)
-    except (ValueError, TypeError, FileNotFoundError) as e:
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        if env is not None:
-            shutdown_distributed(env)
-    if env.is_main:
-        where = run.npz or run.out_dir
-        print(f"sampled {run.num_samples} images on {run.world_size} rank(s) in {run.seconds:.2f} s "
-              f"({run.seconds_per_image:.4f} s/img) -> {where}")
-    return 0
+    return run_main(build_parser(), argv, _sample_main)
+
+
+def _sample_main(args, env: DistEnv) -> str:
+    model, tokenizer, decode = load_for_sampling(args.checkpoint, env.device, args.backend)
+    known = model.cfg.extra.get("prompts")
+    prompts = read_prompts(args.prompts) if args.prompts else list(known or _default_prompts())
+    outside = [p for p in prompts if known and p not in known]
+    if outside:  # a class-conditional checkpoint was taught its prompt set only
+        raise ValueError(f"--prompts: {outside[0]!r} is not among the {len(known)} prompts of this class-conditional "
+                         f"checkpoint ({', '.join(map(repr, known[:10]))}{', ...' if len(known) > 10 else ''})")
+    per_class = args.per_class if args.per_class is not None or args.num_samples is not None else 50
+    run = sample_to_dir(model, tokenizer, prompts, args.out, num_samples=args.num_samples, per_class=per_class,
+                        seed=args.seed, steps=args.steps, guidance=args.guidance, batch_size=args.batch_size,
+                        decode=decode, cuda_graphs=not args.no_cuda_graphs, write_npz=not args.no_npz, env=env)
+    return (f"sampled {run.num_samples} images on {run.world_size} rank(s) in {run.seconds:.2f} s "
+            f"({run.seconds_per_image:.4f} s/img) -> {run.npz or run.out_dir}")
 
 
 def _default_prompts() -> Sequence[str]:

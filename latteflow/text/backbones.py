@@ -3,7 +3,8 @@
 ``tiny_qwen2vl_config`` is the small Qwen2-VL-architecture backbone of the shipped digits model
 (vocabulary = the package's character tokenizer); ``paper_qwen2vl_config`` has the text shapes of
 Qwen2-VL-2B for benchmarks. ``build_backbone`` makes a ``Qwen2VLForConditionalGeneration`` whose
-random weights depend only on the seed.
+random weights depend only on the seed; ``backbone_checksum`` is the SHA-256 of its weights that a
+checkpoint records when it does not store its frozen backbone.
 
 transformers changed how rope settings are spelled: 5.x reads
 ``text_config.rope_parameters = {"rope_type": "default", "rope_theta": ..., "mrope_section": [...]}``,
@@ -12,6 +13,7 @@ The builders write the spelling of the installed version; ``rope_settings`` read
 """
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import torch
@@ -21,7 +23,7 @@ from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 from latteflow.text.tokenizer import CharTokenizer
 
 __all__ = [
-    "QWEN2VL_2B_VISION", "TINY_VISION", "build_backbone", "paper_qwen2vl_config", "rope_settings",
+    "QWEN2VL_2B_VISION", "TINY_VISION", "backbone_checksum", "build_backbone", "paper_qwen2vl_config", "rope_settings",
     "text_config", "text_position_ids", "tiny_qwen2vl_config",
 ]
 
@@ -173,3 +175,14 @@ def build_backbone(config: Qwen2VLConfig, seed: int = 0, dtype: torch.dtype = to
     if device is not None:
         model = model.to(device)
     return model.eval()
+
+
+def backbone_checksum(backbone: torch.nn.Module) -> str:
+    """SHA-256 over the backbone's tensors (names, shapes, float32 bytes, in name order)."""
+    h = hashlib.sha256()
+    for name, t in sorted(backbone.state_dict().items()):
+        t = t.detach().to("cpu", torch.float32).contiguous()
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()

@@ -12,7 +12,7 @@
   hooks see every step); the frozen couple backbone is inside it with no gradients, so DDP reduces
   only the trainable parameters. ``fsdp=True`` (blend variants, whose backbone trains) shards with
   FSDP2 ``fully_shard`` instead (units: see ``_apply_fsdp``).
-- **Checkpoints.** Rank 0 writes the ``latteflow.checkpoint`` format atomically with the full,
+- **Checkpoints.** Rank 0 writes the ``latteflow.core.checkpoint`` format atomically with the full,
   unsharded weights (FSDP2 gathers them through ``torch.distributed.checkpoint.state_dict``) and a
   ``trainer.pt`` holding the step, the optimizer state keyed by parameter names (full) and the seeds.
   Nothing in it depends on the world size, so a run resumes on any number of ranks.
@@ -20,7 +20,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import shutil
 import sys
@@ -33,9 +32,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from latteflow.core.checkpoint import atomic_write_bytes, load_state, load_trainer_state, save_checkpoint
-from latteflow.core.context import Context, text_model
-from latteflow.distributed import DistEnv, derive_seed, init_distributed, shutdown_distributed
-from latteflow.training.loop import LATEST, clean_checkpoint_dir, latest_checkpoint
+from latteflow.core.context import Context, PromptContexts, text_model
+from latteflow.distributed import DistEnv, MainParser, derive_seed, init_distributed, run_main
+from latteflow.training.loop import LATEST, check_trainer_args, clean_checkpoint_dir, latest_checkpoint
 
 __all__ = ["LabeledLatents", "TrainRun", "global_batch_indices", "main", "rank_slice", "train_distributed"]
 
@@ -96,8 +95,6 @@ class LabeledLatents:
             null_ids, null_mask = self.tokenizer.encode([""], device=model.device)
             return x, {"input_ids": ids, "attention_mask": mask}, {"input_ids": null_ids, "attention_mask": null_mask}
         if self._contexts is None:
-            from latteflow.evaluation.sample_ddp import PromptContexts
-
             self._contexts = PromptContexts(model, self.tokenizer, self.prompts)
         return x, self._contexts.rows(labels), self._contexts.null
 
@@ -217,12 +214,7 @@ def train_distributed(model, data: LabeledLatents, *, steps: int, global_batch_s
                         ("data_seed", data_seed, 0)):
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
-    if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
-        raise ValueError(f"lr must be a positive number, got {lr!r}")
-    if max_grad_norm is not None and not max_grad_norm > 0:
-        raise ValueError(f"max_grad_norm must be positive or None, got {max_grad_norm!r}")
-    if checkpoint_every and checkpoint_dir is None:
-        raise ValueError("checkpoint_every needs checkpoint_dir")
+    check_trainer_args(lr, max_grad_norm, checkpoint_every, checkpoint_dir)
     if fsdp and not model.cfg.is_blend:
         raise ValueError(f"fsdp shards the blend variants (whose backbone trains); variant {model.cfg.variant!r} "
                          "trains with DDP")
@@ -360,13 +352,8 @@ def build_digits_model(args, device: torch.device):
     return model.to(device), tok
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def build_parser(prog: str = "latteflow train --distributed") -> argparse.ArgumentParser:
-    p = _Parser(prog=prog, description="Train a digits LaTtE-Flow model on every rank of a torchrun job "
+    p = MainParser(prog=prog, description="Train a digits LaTtE-Flow model on every rank of a torchrun job "
                                        "(DDP, or FSDP2 for blend); checkpoints resume on any world size.")
     p.add_argument("--out", required=True, help="checkpoint directory (step_* subdirectories and 'latest')")
     p.add_argument("--steps", type=int, required=True, help="total optimizer steps")
@@ -398,38 +385,29 @@ def build_parser(prog: str = "latteflow train --distributed") -> argparse.Argume
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command line entry point; returns the exit status (0 ok, 2 misuse / bad input)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    env = None
-    try:
-        env = init_distributed(args.device)
-        from latteflow.data.digits import DIGIT_PROMPTS, load_digits_split
+    return run_main(build_parser(), argv, _train_main)
 
-        model, tok = build_digits_model(args, env.device)
-        split = load_digits_split(0)
-        data = LabeledLatents(split.train_images, split.train_labels, DIGIT_PROMPTS, tok)
-        amp = None if args.amp == "auto" else args.amp == "on"
 
-        def report(step, loss):
-            if env.is_main and (step % 10 == 0 or step == args.steps):
-                print(f"step {step}/{args.steps} loss {loss:.4f}", flush=True)
+def _train_main(args, env: DistEnv) -> str:
+    from latteflow.data.digits import DIGIT_PROMPTS, load_digits_split
 
-        run = train_distributed(
-            model, data, steps=args.steps, global_batch_size=args.global_batch_size, lr=args.lr,
-            weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm or None, amp=amp, seed=args.seed,
-            data_seed=args.data_seed, fsdp=args.fsdp, checkpoint_dir=args.out,
-            checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep, resume=not args.no_resume,
-            metadata={"tokenizer": tok.to_dict(), "backbone_seed": args.backbone_seed}, env=env, callback=report)
-    except (ValueError, TypeError, FileNotFoundError) as e:
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        if env is not None:
-            shutdown_distributed(env)
-    if env.is_main:
-        loss = f"final loss {run.losses[-1]:.4f}" if run.losses else "nothing to train"
-        print(f"trained to step {run.step} on {run.world_size} rank(s): {loss}; checkpoint {run.checkpoint}")
-    return 0
+    model, tok = build_digits_model(args, env.device)
+    split = load_digits_split(0)
+    data = LabeledLatents(split.train_images, split.train_labels, DIGIT_PROMPTS, tok)
+    amp = None if args.amp == "auto" else args.amp == "on"
+
+    def report(step, loss):
+        if env.is_main and (step % 10 == 0 or step == args.steps):
+            print(f"step {step}/{args.steps} loss {loss:.4f}", flush=True)
+
+    run = train_distributed(
+        model, data, steps=args.steps, global_batch_size=args.global_batch_size, lr=args.lr,
+        weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm or None, amp=amp, seed=args.seed,
+        data_seed=args.data_seed, fsdp=args.fsdp, checkpoint_dir=args.out,
+        checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep, resume=not args.no_resume,
+        metadata={"tokenizer": tok.to_dict(), "backbone_seed": args.backbone_seed}, env=env, callback=report)
+    loss = f"final loss {run.losses[-1]:.4f}" if run.losses else "nothing to train"
+    return f"trained to step {run.step} on {run.world_size} rank(s): {loss}; checkpoint {run.checkpoint}"
 
 
 if __name__ == "__main__":

@@ -228,6 +228,17 @@ def _as_context(model, c: Union[Context, Dict[str, Any], None], device) -> Optio
     raise TypeError(f"a batch's context must be a Context, a dict of build_context arguments or None, got {type(c).__name__}")
 
 
+def check_trainer_args(lr, max_grad_norm, checkpoint_every: int, checkpoint_dir) -> None:
+    """The settings both trainers (``train`` here, ``train_distributed``) check alike: a finite positive
+    ``lr``, a positive ``max_grad_norm`` or None, and a ``checkpoint_dir`` when ``checkpoint_every``."""
+    if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"lr must be a positive number, got {lr!r}")
+    if max_grad_norm is not None and not max_grad_norm > 0:
+        raise ValueError(f"max_grad_norm must be positive or None, got {max_grad_norm!r}")
+    if checkpoint_every and checkpoint_dir is None:
+        raise ValueError("checkpoint_every needs checkpoint_dir")
+
+
 def train(
     model,
     data: Union[Callable[[int], Any], Iterable],
@@ -260,12 +271,7 @@ def train(
         raise ValueError(f"steps must be a non-negative int, got {steps!r}")
     if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 0:
         raise ValueError(f"checkpoint_every must be a non-negative int, got {checkpoint_every!r}")
-    if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
-        raise ValueError(f"lr must be a positive number, got {lr!r}")
-    if max_grad_norm is not None and not max_grad_norm > 0:
-        raise ValueError(f"max_grad_norm must be positive or None, got {max_grad_norm!r}")
-    if checkpoint_every and checkpoint_dir is None:
-        raise ValueError("checkpoint_every needs checkpoint_dir")
+    check_trainer_args(lr, max_grad_norm, checkpoint_every, checkpoint_dir)
     if ema is not None and not isinstance(ema, EMA):
         raise TypeError(f"ema must be a latteflow.training.loop.EMA or None, got {type(ema).__name__}")
     if checkpoint_dir is not None:

@@ -15,6 +15,7 @@ import torch
 from latteflow import LatteFlowConfig, LatteFlowModel
 from latteflow.text.backbones import build_backbone, tiny_qwen2vl_config
 from latteflow.text.tokenizer import CharTokenizer
+from model_helpers import randomize_zero_inits
 
 PROMPTS = ["digit 0", "digit 1", "digit 2"]
 SAMPLE_KW = dict(per_class=3, seed=11, steps=4, guidance=3.0)   # 9 samples
@@ -36,13 +37,7 @@ def make_model(variant="couple", seed=0):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LatteFlowModel(build_backbone(bcfg, seed=seed), cfg)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for group in model.groups:
-            group.proj_out.weight.copy_(torch.randn(group.proj_out.weight.shape, generator=g) * 0.05)
-            for layer in group.layers:
-                if layer.gate is not None:
-                    layer.gate.weight.copy_(torch.randn(layer.gate.weight.shape, generator=g) * 0.1)
+    randomize_zero_inits(model, seed)
     return model
 
 

@@ -1,5 +1,6 @@
 """setup.py: the shipped checkpoint is declared package data (no setuptools 'absent from packages'
-warning) and torch is imported only to build the extension (no NumPy warning from metadata steps)."""
+warning), torch is imported only to build the extension (no NumPy warning from metadata steps), and
+only latte_kernels and latteflow are installed (benchmarks/ runs from a checkout)."""
 import os
 import subprocess
 import sys
@@ -32,6 +33,7 @@ def test_build_py_copies_the_shipped_checkpoint_without_warnings(tmp_path):
     assert sorted(os.listdir(digits)) == ["MANIFEST.json", "config.json", "model.safetensors", "tokenizer.json"]
     assert (digits / "model.safetensors").stat().st_size == os.path.getsize(
         os.path.join(ROOT, "latteflow", "assets", "digits", "model.safetensors"))
+    assert sorted(os.listdir(tmp_path / "lib")) == ["latte_kernels", "latteflow"]  # no top-level benchmarks
 
 
 def test_metadata_does_not_import_torch(tmp_path):
@@ -40,3 +42,13 @@ def test_metadata_does_not_import_torch(tmp_path):
     assert "torch imported: False" in r.stdout and "NumPy" not in r.stderr, r.stderr
     sources = (tmp_path / "latteflow.egg-info" / "SOURCES.txt").read_text()
     assert "latteflow/assets/digits/model.safetensors" in sources
+    top_level = (tmp_path / "latteflow.egg-info" / "top_level.txt").read_text().split()
+    assert sorted(top_level) == ["latte_kernels", "latteflow"]
+    assert "benchmarks/" not in sources
+
+
+def test_benchmarks_run_from_the_checkout():
+    r = subprocess.run([sys.executable, "-m", "benchmarks.e2e", "--help"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "--modes" in r.stdout and "python -m benchmarks.e2e" in r.stdout

@@ -167,12 +167,12 @@ def test_sample_without_prompt_draws_the_prompt_set(tmp_path, capsys):
 
 
 def test_out_is_checked_before_the_checkpoint_is_loaded(tmp_path, capsys, monkeypatch):
-    import latteflow.apps.pipeline
+    import latteflow.pipeline
 
     def no_loading(*a, **k):
         raise AssertionError("loaded the checkpoint before checking --out")
 
-    monkeypatch.setattr(latteflow.apps.pipeline, "load_pipeline", no_loading)
+    monkeypatch.setattr(latteflow.pipeline, "load_pipeline", no_loading)
     for out in (str(tmp_path), str(tmp_path / "dir.png")):
         os.makedirs(out, exist_ok=True)
         rc = main(["sample", "--prompt", "digit 3", "--out", out])
@@ -266,12 +266,6 @@ def test_resume_keeps_the_run_settings(trained, tmp_path, capsys):
     assert main(args + ["--steps", "4"]) == 0  # nothing left to train: the model is exported again
     out = capsys.readouterr().out
     assert "trained 0 steps (now at step 4)" in out and "final loss none" not in out
-
-
-def test_bench_missing_module_is_one_line(monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "benchmarks.e2e", None)  # import of it raises ImportError
-    rc = main(["bench", "--batch", "1"])
-    _one_line_error(capsys, rc, "benchmarks.e2e")
 
 
 def test_debug_env_reraises(monkeypatch):

@@ -206,12 +206,12 @@ def test_cli_misuse_gives_one_error_line(tmp_path, capsys):
 
 def test_digits_checkpoint_needs_the_pipeline(tmp_path, capsys):
     try:
-        import latteflow.apps.pipeline  # noqa: F401
+        import latteflow.pipeline  # noqa: F401
     except ImportError:
         pass
     else:
-        pytest.skip("latteflow.apps.pipeline is installed: 'digits' resolves through it")
+        pytest.skip("latteflow.pipeline is installed: 'digits' resolves through it")
     from latteflow.evaluation.sample_ddp import main as sample_main
 
     assert sample_main(["--checkpoint", "digits", "--out", str(tmp_path)]) == 2
-    assert "latteflow.apps.pipeline" in capsys.readouterr().err
+    assert "latteflow.pipeline" in capsys.readouterr().err

@@ -4,7 +4,7 @@
 argument is a checkpoint directory (one holding ``config.json``, or a ``latteflow train`` output folder
 holding ``model/``). A checkpoint that does not store its frozen backbone records the backbone's seed and
 the SHA-256 of its weights: the backbone is rebuilt from the seed and the checksum must match. Every file
-the checkpoint records is checked against its SHA-256 as it is read (``latteflow.checkpoint``).
+the checkpoint records is checked against its SHA-256 as it is read (``latteflow.core.checkpoint``).
 
 A class-conditional checkpoint records its prompt set (``extra["prompts"]`` of its config; the digits
 model's ten ``"digit 0"`` .. ``"digit 9"``): ``pipe.prompts`` lists it and a prompt outside it is refused
@@ -30,7 +30,7 @@ from latteflow.data.vae import PixelAutoencoder
 
 __all__ = ["LatteFlowPipeline", "load_pipeline", "resolve_checkpoint", "SHIPPED", "sample_prompts"]
 
-ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
+ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 SHIPPED = {"digits": os.path.join(ASSETS, "digits")}
 
 
@@ -51,7 +51,7 @@ def resolve_checkpoint(name_or_path: Union[str, os.PathLike]) -> str:
 
 def _rebuild_backbone(config: dict, path: str, device):
     from latteflow.text.backbones import build_backbone
-    from latteflow.apps.digits_recipe import backbone_checksum
+    from latteflow.text.backbones import backbone_checksum
 
     meta = config.get("metadata") or {}
     seed, expected = meta.get("backbone_seed"), meta.get("backbone_sha256")

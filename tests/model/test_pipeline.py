@@ -11,7 +11,7 @@ from latteflow import load_pipeline
 from latteflow.core.checkpoint import read_config, verify_checkpoint
 from latteflow.data.digits import DIGIT_PROMPTS
 from latteflow.apps.digits_recipe import DigitsRecipe, build_digits_model, save_digits_model
-from latteflow.apps.pipeline import SHIPPED, resolve_checkpoint, sample_prompts
+from latteflow.pipeline import SHIPPED, resolve_checkpoint, sample_prompts
 
 # the shipped weights, byte for byte: recording their checksum must not have changed them
 SHIPPED_WEIGHTS_SHA256 = "da4cb79fcc573491302481a87c7d50117744fa3c076c9c20b6ac9609bba490c3"
