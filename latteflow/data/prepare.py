@@ -138,7 +138,14 @@ def prepare(images: str, vae: str, out: str, *, resolution: int = 256, class_nam
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {out!r} exists and is not a folder")
     prompts = load_class_names(class_names, classes)
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if workers is not None:
+        _check_int("workers", workers, 1)
+    try:
+        device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"--device {device!r} is not a device ({e})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available here (use --device cpu)")
     ae, vae_record = _open_vae(vae, device)
     d = ae.downsample
     if resolution % d:

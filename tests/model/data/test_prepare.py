@@ -123,9 +123,23 @@ def test_errors_name_the_argument(toy_image_folder, toy_dcae_folder, tmp_path, c
         prepare(toy_image_folder, toy_dcae_folder, os.path.join(toy_image_folder, "latents"), **kw)
     with pytest.raises(ValueError, match="--batch-size"):
         prepare(toy_image_folder, toy_dcae_folder, tmp_path / "o", batch_size=0, progress=False)
+    with pytest.raises(ValueError, match="--device"):
+        prepare(toy_image_folder, toy_dcae_folder, tmp_path / "o", device="warp-drive", **kw)
     assert main(["prepare", "--images", str(tmp_path / "nowhere"), "--vae", toy_dcae_folder, "--out",
                  str(tmp_path / "o")]) == 2
     assert "latteflow: error: --images" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_prepare_on_cuda_matches_cpu(toy_image_folder, toy_dcae_folder, tmp_path):
+    kw = dict(resolution=RES, progress=False, images_per_shard=4)
+    torch.backends.cudnn.allow_tf32 = False
+    cpu = prepare(toy_image_folder, toy_dcae_folder, tmp_path / "cpu", device="cpu", **kw)
+    gpu = prepare(toy_image_folder, toy_dcae_folder, tmp_path / "gpu", device="cuda", **kw)
+    assert gpu["counts"] == cpu["counts"] and gpu["skipped"] == cpu["skipped"]
+    a, b = LatentShards(tmp_path / "cpu"), LatentShards(tmp_path / "gpu")
+    torch.testing.assert_close(torch.stack([b[i][0] for i in range(len(b))]),
+                               torch.stack([a[i][0] for i in range(len(a))]), rtol=1e-3, atol=1e-4)
 
 
 # ------------------------------------------------------------------------------------------------
