@@ -24,13 +24,14 @@ import torch
 
 from latteflow.core.files import sha256_file, weights_sha256
 from latteflow.data.image_folder import adm_center_crop, load_image, scan_image_folder, to_model_pixels
-from latteflow.data.shards import FORMAT, _shard_header, shard_name, write_manifest, write_shard
+from latteflow.data.shards import FORMAT, _shard_header, shard_metadata, shard_name, write_manifest, write_shard
 
 __all__ = ["IMAGES_PER_SHARD", "ORDER_SEED", "load_class_names", "prepare"]
 
 IMAGES_PER_SHARD = 1024  # 2048 latents with mirrors: 16 MiB of float32 32x8x8 latents per shard
 ORDER_SEED = 0
 _SHARD_FILE = re.compile(r"^shard_\d{5}\.safetensors$")
+_TEMPORARY = re.compile(r"^\.(shard_\d{5}\.safetensors|manifest\.json)\..*\.tmp$")  # core.files.atomic_write's
 
 
 def load_class_names(path: Optional[str], classes: List[str]) -> List[str]:
@@ -93,7 +94,7 @@ def _finished(path: str, fingerprint: str, num_classes: int) -> Optional[Dict[st
     if not os.path.isfile(path):
         return None
     try:
-        _, meta = _shard_header(path)
+        meta = shard_metadata(path)
     except ValueError:
         return None
     if meta.get("fingerprint") != fingerprint:
@@ -115,6 +116,40 @@ def _read(root: str, rel: str, resolution: int):
     except Exception as e:  # any failure to read one file skips that file, never the run
         text = str(e).strip().splitlines()
         return None, f"{type(e).__name__}: {text[0] if text else 'unreadable'}"
+
+
+def _encode_shard(ae, pool, root: str, chunk: List[Tuple[str, int]], *, resolution: int, flip: bool, per_call: int,
+                  latent_shape: List[int], bar) -> Tuple[torch.Tensor, List[int], List[List[str]]]:
+    """``(latents, labels, skipped)`` of one shard's images, ``per_call`` images (and their mirrors) per
+    encoder call, decoded by the threads of ``pool``."""
+    device = next(ae.parameters()).device
+    latents, labels, skipped = [], [], []
+    for b in range(0, len(chunk), per_call):
+        part = chunk[b:b + per_call]
+        read = list(pool.map(lambda item: _read(root, item[0], resolution), part))
+        pixels = []
+        for (rel, label), (x, reason) in zip(part, read):
+            if x is None:
+                skipped.append([os.path.join(root, rel), reason])
+                continue
+            pixels += [x, x.flip(-1)] if flip else [x]
+            labels += [label, label] if flip else [label]
+        if pixels:
+            with torch.inference_mode():
+                z = ae.encode(torch.stack(pixels).to(device)).float().cpu()
+            if list(z.shape[1:]) != latent_shape:
+                raise ValueError(f"--vae: encodes {resolution}x{resolution} images to {list(z.shape[1:])}, "
+                                 f"expected {latent_shape}")
+            latents.append(z)
+        bar.update(len(part))
+    return (torch.cat(latents) if latents else torch.empty(0, *latent_shape)), labels, skipped
+
+
+def _clean_temporaries(out: str) -> None:
+    """Removes the temporary files of atomic writes a killed run left behind."""
+    for name in os.listdir(out):
+        if _TEMPORARY.match(name):
+            os.unlink(os.path.join(out, name))
 
 
 def prepare(images: str, vae: str, out: str, *, resolution: int = 256, class_names: Optional[str] = None,
@@ -158,6 +193,7 @@ def prepare(images: str, vae: str, out: str, *, resolution: int = 256, class_nam
     ordered = [files[i] for i in order]
     chunks = [ordered[i:i + images_per_shard] for i in range(0, len(ordered), images_per_shard)]
     os.makedirs(out, exist_ok=True)
+    _clean_temporaries(out)
     per_call = max(1, batch_size // 2) if flip else batch_size
     entries, counts, skipped = [], [0] * len(classes), list(ignored)
     reused = 0
@@ -175,27 +211,8 @@ def prepare(images: str, vae: str, out: str, *, resolution: int = 256, class_nam
                 reused += 1
                 bar.update(len(chunk))
                 continue
-            latents, labels, shard_skipped = [], [], []
-            for b in range(0, len(chunk), per_call):
-                part = chunk[b:b + per_call]
-                read = list(pool.map(lambda item: _read(root, item[0], resolution), part))
-                pixels = []
-                for (rel, label), (x, reason) in zip(part, read):
-                    if x is None:
-                        shard_skipped.append([os.path.join(root, rel), reason])
-                        continue
-                    pixels += [x, x.flip(-1)] if flip else [x]
-                    labels += [label, label] if flip else [label]
-                if pixels:
-                    batch = torch.stack(pixels).to(device)
-                    with torch.inference_mode():
-                        z = ae.encode(batch).float().cpu()
-                    if list(z.shape[1:]) != latent_shape:
-                        raise ValueError(f"--vae: encodes {resolution}x{resolution} images to {list(z.shape[1:])}, "
-                                         f"expected {latent_shape}")
-                    latents.append(z)
-                bar.update(len(part))
-            lat = torch.cat(latents) if latents else torch.empty(0, *latent_shape)
+            lat, labels, shard_skipped = _encode_shard(ae, pool, root, chunk, resolution=resolution, flip=flip,
+                                                       per_call=per_call, latent_shape=latent_shape, bar=bar)
             lab = torch.tensor(labels, dtype=torch.int64)
             shard_counts = torch.bincount(lab, minlength=len(classes)).tolist()
             meta = {"fingerprint": fingerprint, "counts": json.dumps(shard_counts), "skipped": json.dumps(shard_skipped)}

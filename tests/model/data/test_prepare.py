@@ -87,6 +87,30 @@ def test_prepare_resumes_keeping_finished_shards(toy_image_folder, toy_dcae_fold
     assert other["counts"] == first["counts"]
 
 
+def test_a_shard_of_only_unreadable_files_is_empty_and_leftover_temporaries_go(toy_dcae_folder, tmp_path):
+    images = tmp_path / "images"
+    (images / "good").mkdir(parents=True)
+    (images / "bad").mkdir()
+    toy_data.draw_image("RGB", (20, 20), 1).save(images / "good" / "a.png")
+    for k in range(3):
+        (images / "bad" / f"{k}.png").write_bytes(b"not a png")
+    (images / "notes.txt").write_text("outside any class")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".shard_00000.safetensors.abc123.tmp").write_bytes(b"half a shard")  # a killed run's leftover
+    m = prepare(images, toy_dcae_folder, out, resolution=RES, flip=False, progress=False, images_per_shard=1)
+    assert m["classes"] == ["bad", "good"] and m["counts"] == [0, 1] and m["num_latents"] == 1
+    assert sorted(s["count"] for s in m["shards"]) == [0, 0, 0, 1]
+    assert len(m["skipped"]) == 4 and [str(images / "notes.txt"), "not inside a class folder"] in m["skipped"]
+    assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
+    ds = LatentShards(out)
+    assert len(ds) == 1 and ds[0][1] == 1
+    for k in range(3):  # nothing readable at all: an error, not an empty data set
+        (images / "good" / "a.png").write_bytes(b"broken too")
+    with pytest.raises(ValueError, match="--images .* not one readable image"):
+        prepare(images, toy_dcae_folder, out, resolution=RES, progress=False)
+
+
 def test_the_cli_prepares_and_lists_skipped_files(toy_image_folder, toy_dcae_folder, tmp_path, capsys):
     out = tmp_path / "out"
     rc = main(["prepare", "--images", toy_image_folder, "--vae", toy_dcae_folder, "--out", str(out),

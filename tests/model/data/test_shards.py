@@ -122,6 +122,20 @@ def test_bad_shards_are_errors_naming_the_shard(tmp_path):
         LatentShards(tmp_path)
 
 
+def test_a_shard_is_the_same_bytes_each_time_and_keeps_its_metadata(tmp_path):
+    from latteflow.data.shards import shard_metadata
+
+    meta = {k: str(v) for k, v in zip("abcdefgh", range(8))}
+    x, y = torch.randn(3, *SHAPE), torch.arange(3)
+    digests = {write_shard(tmp_path, 0, x, y, metadata=meta)["sha256"] for _ in range(10)}
+    assert len(digests) == 1
+    assert shard_metadata(str(tmp_path / "shard_00000.safetensors")) == meta
+    write_shard(tmp_path, 1, x, y)
+    assert shard_metadata(str(tmp_path / "shard_00001.safetensors")) == {}
+    with pytest.raises(TypeError, match="metadata"):
+        write_shard(tmp_path, 2, x, y, metadata={"a": 1})
+
+
 def test_write_shard_checks_its_arguments(tmp_path):
     with pytest.raises(ValueError, match="latents"):
         write_shard(tmp_path, 0, torch.zeros(2, 4), torch.zeros(2, dtype=torch.int64))
