@@ -51,6 +51,9 @@ def test_round_trip_reads_every_latent_and_its_label(tmp_path):
     with pytest.raises(TypeError, match="index"):
         ds["0"]
     assert ds.shard_ranges == [(0, 5), (5, 8), (8, 14)]
+    fresh = LatentShards(tmp_path)
+    assert torch.equal(fresh.labels(), labels) and fresh.labels().dtype == torch.int64
+    assert not fresh._cache  # labels() loads no latents
 
 
 def test_bfloat16_shards_come_out_as_float32(tmp_path):
