@@ -7,13 +7,6 @@ torch.set_num_threads(1)
 
 
 @pytest.fixture
-def tiny():
-    import model_helpers
-
-    return model_helpers
-
-
-@pytest.fixture
 def toy_dcae_folder(tmp_path):
     """A DC-AE folder as a user brings it (``AutoencoderDC.save_pretrained``, 4x downsampling, random weights)."""
     pytest.importorskip("diffusers")
@@ -28,3 +21,10 @@ def toy_image_folder(tmp_path):
     import toy_data
 
     return toy_data.write_toy_images(tmp_path / "images")
+
+
+@pytest.fixture
+def tiny():
+    import model_helpers
+
+    return model_helpers
