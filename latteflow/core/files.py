@@ -1,10 +1,12 @@
-"""Atomic file writes: readers (and a crash mid-write) see the old file or the new one, never half of one."""
+"""Atomic file writes (readers, and a crash mid-write, see the old file or the new one, never half of one)
+and the SHA-256 of weight files."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
-from typing import IO, Iterator
+from typing import IO, Any, Dict, Iterator
 
 
 def _fsync_dir(d: str) -> None:
@@ -47,3 +49,39 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", **open_kwargs) -> It
             os.unlink(tmp)
         raise
     _fsync_dir(d)
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of the file at ``path``, read in 1 MiB chunks (what ``sha256sum`` prints)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def weights_sha256(folder: str | os.PathLike) -> Dict[str, Any]:
+    """``{"sha256": hex, "files": {relative name: hex}}`` of the weight files (``*.safetensors``, ``*.bin``,
+    ``*.pt``, ``*.pth``, ``*.ckpt``) under ``folder`` (a ``save_pretrained`` folder). With one weights file
+    ``sha256`` is that file's digest (``sha256sum`` agrees); with several (sharded weights) it is the digest of
+    the ``"<hex>  <name>\\n"`` lines in name order, i.e. of ``sha256sum`` output sorted by name.
+    ValueError naming the folder when it holds no weights file."""
+    folder = os.path.abspath(os.fspath(folder))
+    if not os.path.isdir(folder):
+        raise ValueError(f"{folder}: not a folder")
+    names = []
+    for root, _, files in os.walk(folder):
+        for name in files:
+            if name.endswith(WEIGHT_SUFFIXES) and not name.startswith("."):
+                names.append(os.path.relpath(os.path.join(root, name), folder).replace(os.sep, "/"))
+    if not names:
+        raise ValueError(f"{folder}: holds no weights file ({', '.join('*' + s for s in WEIGHT_SUFFIXES)})")
+    digests = {name: sha256_file(os.path.join(folder, name)) for name in sorted(names)}
+    if len(digests) == 1:
+        total = next(iter(digests.values()))
+    else:
+        total = hashlib.sha256("".join(f"{h}  {n}\n" for n, h in digests.items()).encode()).hexdigest()
+    return {"sha256": total, "files": digests}
