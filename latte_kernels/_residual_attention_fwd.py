@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _backend
+from . import _autotune, _backend
 
 LOG2E = 1.4426950408889634
 # kernels may read only constexpr globals
@@ -192,7 +192,7 @@ INTERPRET_BLOCKS = {"BLOCK_M": 64, "BLOCK_N": 32}  # one small config: the inter
 
 def _tuned(kernel, configs_by_class, key):
     """One autotuner per class of configs: head_dim <= 64, 128 or 256 (16-bit), or any float32."""
-    tuned = {c: triton.autotune(configs=cfgs, key=key)(kernel) for c, cfgs in configs_by_class.items()}
+    tuned = {c: triton.autotune(configs=_autotune.limit(cfgs), key=key)(kernel) for c, cfgs in configs_by_class.items()}
     return lambda dp, dtype: tuned["fp32" if dtype == torch.float32 else (64 if dp <= 64 else dp)]
 
 
