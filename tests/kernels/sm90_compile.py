@@ -185,8 +185,8 @@ class Row:
 
     def owed(self) -> str:
         """Why this row's stack is a known, bounded departure from SPEC 5 (empty: none is allowed)."""
-        for (case, kernel), why in OWED_SPILLS.items():
-            if case in self.case and kernel == self.kernel and self.stack + self.local <= OWED_STACK_BOUND:
+        for (case, kernel), (why, bound) in OWED_SPILLS.items():
+            if case in self.case and kernel == self.kernel and self.stack + self.local <= bound:
                 return why
         return ""
 
@@ -205,13 +205,13 @@ class Row:
         return out
 
 
-# Spills SPEC 5 forbids that the kernels still have with Triton 3.9's code generation (owed, NOTES.md):
-# tolerated up to OWED_STACK_BOUND bytes so that they cannot grow unnoticed; everything else is strict.
-OWED_STACK_BOUND = 512
+# Spills SPEC 5 forbids that the kernels still have with Triton 3.9's code generation (owed, NOTES.md),
+# each tolerated up to its recorded bound (B/thread) so that it cannot grow unnoticed; all else is strict.
+_DKDV_WHY = "owed: D=128 key-major pass, 3 float32 accumulators + the dq atomics' tiles"
 OWED_SPILLS = {
-    ("D=128 bfloat16 res=", "_dkdv_kernel"): "owed: the D=128 key-major pass (3 float32 accumulators + dq atomics)",
-    ("D=128 float16 res=", "_dkdv_kernel"): "owed: the D=128 key-major pass (3 float32 accumulators + dq atomics)",
-    ("state=1 rope=1", "_fwd_kernel"): "owed: forward with state and in-kernel RoPE (not the SPEC 5 call)",
+    ("D=128 bfloat16 res=", "_dkdv_kernel"): (_DKDV_WHY, 448),
+    ("D=128 float16 res=", "_dkdv_kernel"): (_DKDV_WHY, 448),
+    ("state=1 rope=1", "_fwd_kernel"): ("owed: the in-kernel RoPE of q and q_prev (648 B without the state)", 704),
 }
 
 
