@@ -9,13 +9,25 @@ row term ``D_i = rowsum(dO * O) - dLSE_i``; the state's are ``w_c = exp(lse_c - 
 ``dgate = (1 - tanh(g)^2) prev_scale sum_ij dS_ij <q_prev_i, k_prev_j>``. An empty state row
 (``lse_c = -inf``, ``w_c = 0``) discards its ``out_c`` (it may hold NaN) and gets zero gradients.
 
-Three kernels, no atomics (deterministic): a row pass (``D_i`` and the state's gradients), a
-key-major pass (one program per key tile of one kv head, looping over the query heads of its GQA
-group and all query tiles: dk, dv, dk_prev in registers) and a query-major pass (dq, dq_prev and the
-per-row gate sums, reduced over rows afterwards). Both recompute ``P`` from ``lse``; nothing of size
-``Nq x Nk`` is stored. With ``rope_grid`` the inputs are rotated once (O(N), the forward's rotation
-kernel) before these kernels and the float32 gradients rotated back after them. Every input is read
-through its strides (``lse`` and ``tanh(gate)`` included: the op is public, its caller may pass views).
+The logits are one product over the concatenated head dim, ``S = k_mult [q, r q_prev] . [k, k_prev]^T``
+with ``r = tanh(g) prev_scale / scale`` folded into the q_prev operand (``k_mult = scale``; for
+``scale == 0`` the kernels drop q and ``k_mult = 1``, ``r = tanh(g) prev_scale``), so
+``dk = k_mult dS^T q``, ``dk_prev = k_mult sum_h dS_h^T (r q_prev)``; dq, dq_prev are accumulated as
+``dS k`` and ``dS k_prev`` in float32 and scaled afterwards, and
+``sum_ij dS_ij <q_prev_i, k_prev_j> = sum_i <q_prev_i, (dS k_prev)_i>`` gives dgate.
+
+Default: two kernels. A row pass (``D_i`` and the state's gradients) and a key-major pass (one program
+per key tile of one kv head, looping over the query heads of its GQA group and all query tiles: dk, dv,
+dk_prev in registers, dq and dq_prev added into zeroed float32 buffers with atomics, as FlashAttention
+2/3 do). That is 8 head_dim-sized products per (query tile, key tile) pair (SPEC 5), marked
+``# product 1..8`` in ``_dkdv_kernel``. The atomics make dq's summation order vary between runs.
+Deterministic mode (``torch.use_deterministic_algorithms(True)``, see ``deterministic()``): the key-major
+pass skips the atomics and a query-major pass (``_dq_kernel``) recomputes P and writes dq, dq_prev by
+plain stores: bitwise reproducible, 11 products per tile pair. Both recompute ``P`` from ``lse``;
+nothing of size ``Nq x Nk`` is stored. With ``rope_grid`` the inputs are rotated once (O(N), the
+forward's rotation kernel) before these kernels and the float32 gradients rotated back after them.
+Every input is read through its strides (``lse`` and ``tanh(gate)`` included: the op is public, its
+caller may pass views).
 """
 from __future__ import annotations
 
@@ -217,10 +229,11 @@ def _dq_kernel(
         tl.store(DQP + out, dqp, mask=mask_md)
 
 
-# FLOP/byte as in the forward. The key-major pass holds k, v, k_prev and three float32 (BLOCK_N, D)
-# accumulators, the query-major pass q, q_prev, dO and two: with the residual both sit at the
-# 255-register limit already at 64 x 64 tiles with 8 warps (offline sm_90 compiles, D=128: ~0.5-0.7 KiB
-# of spill per thread), so the lists favour 64 x 64 / 8 warps and let the autotuner weigh larger tiles.
+# Tiles: every product has BLOCK_M or BLOCK_N rows on its M side, so both are >= 64 for 16-bit inputs
+# (wgmma needs 64; a 32-row side compiles to mma.sync). The lists hold only configs that the JIT-faithful
+# sm_90 compile (tests/kernels/sm90_compile.py, NOTES.md) finds within 227 KiB of shared memory; at
+# D=128 the key-major pass still spills 344-392 B (owed, bounded there). Kept short: every user pays
+# the autotuning on the first call of a shape.
 DKDV_CONFIGS = {
     64: [_cfg(64, 64, 8, 1)],  # 64 x 64 / 8 warps / 2 stages: 8 B of stack
     128: [_cfg(64, 64, 8, 1), _cfg(64, 64, 8, 2)],
@@ -251,7 +264,7 @@ def deterministic() -> bool:
 
 def backward(dout, dlse, q, k, v, q_prev, k_prev, gate, tanh_gate, out_c, lse_c, out, lse,
              scale, prev_scale, rope_grid, rope_theta):
-    """Launches the three backward kernels (under the caller's device guard); returns (dq, dk, dv,
+    """Launches the backward kernels (under the caller's device guard); returns (dq, dk, dv,
     dq_prev, dk_prev, dgate, dout_c, dlse_c), with ``None`` for the inputs that were not given."""
     b, nq, hq, d = q.shape
     nk, hkv = k.shape[1], k.shape[2]

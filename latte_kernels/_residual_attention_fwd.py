@@ -171,16 +171,14 @@ def _fwd_kernel(
 # --------------------------------------------------------------------------------------------------
 # Block sizes.
 #
-# FLOP/byte: per key tile a program does 2*BLOCK_M*BLOCK_N*D FLOPs per dot (3 dots with the residual:
-# q.k, q_prev.k_prev, p.v) against (2 + HAS_RES)*BLOCK_N*D*2 bytes of K/V/K_prev loads, i.e.
-# ~BLOCK_M FLOPs/byte from L2: BLOCK_M = 128 puts the kernel well above the H100's ~300 FLOP/byte
-# ridge point (L2 bandwidth is several x HBM's), so it is tensor-core bound. BLOCK_N = 64 (D=128)
-# keeps q, q_prev (resident) plus the float32 accumulator and two S tiles near the 255-register limit
-# of 8 warps (offline sm_90 compiles of the residual+state variant: 255 registers, ~150 B of spill,
-# 80 KiB shared; smaller tiles are in the list for the autotuner to weigh); D <= 64 affords
-# BLOCK_N = 128. num_stages 2-3 pipelines the K/V loads. D = 256 and float32 (IEEE dots, 4-byte
-# tiles) take smaller tiles to fit shared memory and registers. Autotuning picks per (Nq, Nk, D).
-
+# FLOP/byte: per key tile a program does 2*BLOCK_M*BLOCK_N*D FLOPs per head-dim product (3 with the
+# residual: the logits over the concatenated 2 x D, then p.v) against (2 + HAS_RES)*BLOCK_N*D*2 bytes
+# of K/V/K_prev loads, i.e. ~BLOCK_M FLOPs/byte from L2: BLOCK_M = 128 puts the kernel well above the
+# H100's ridge point, so it is tensor-core bound. Compiled as the JIT compiles the SPEC 5 call
+# (tests/kernels/sm90_compile.py, NOTES.md), every 16-bit config below uses wgmma, spills nothing
+# (in-kernel RoPE excepted: owed) and fits 227 KiB of shared memory (128 x 64 / 8 / 3 at D=128: 212
+# registers, 209 KiB; 128 x 128 needs 257 KiB). D = 256 and float32 (IEEE dots, 4-byte tiles) take
+# smaller tiles. Autotuning picks per (Nq, Nk, D); LATTE_KERNELS_AUTOTUNE_MAX cuts the lists.
 
 def _cfg(bm, bn, w, s):
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
