@@ -9,13 +9,25 @@ row term ``D_i = rowsum(dO * O) - dLSE_i``; the state's are ``w_c = exp(lse_c - 
 ``dgate = (1 - tanh(g)^2) prev_scale sum_ij dS_ij <q_prev_i, k_prev_j>``. An empty state row
 (``lse_c = -inf``, ``w_c = 0``) discards its ``out_c`` (it may hold NaN) and gets zero gradients.
 
-Three kernels, no atomics (deterministic): a row pass (``D_i`` and the state's gradients), a
-key-major pass (one program per key tile of one kv head, looping over the query heads of its GQA
-group and all query tiles: dk, dv, dk_prev in registers) and a query-major pass (dq, dq_prev and the
-per-row gate sums, reduced over rows afterwards). Both recompute ``P`` from ``lse``; nothing of size
-``Nq x Nk`` is stored. With ``rope_grid`` the inputs are rotated once (O(N), the forward's rotation
-kernel) before these kernels and the float32 gradients rotated back after them. Every input is read
-through its strides (``lse`` and ``tanh(gate)`` included: the op is public, its caller may pass views).
+The logits are one product over the concatenated head dim, ``S = k_mult [q, r q_prev] . [k, k_prev]^T``
+with ``r = tanh(g) prev_scale / scale`` folded into the q_prev operand (``k_mult = scale``; for
+``scale == 0`` the kernels drop q and ``k_mult = 1``, ``r = tanh(g) prev_scale``), so
+``dk = k_mult dS^T q``, ``dk_prev = k_mult sum_h dS_h^T (r q_prev)``; dq, dq_prev are accumulated as
+``dS k`` and ``dS k_prev`` in float32 and scaled afterwards, and
+``sum_ij dS_ij <q_prev_i, k_prev_j> = sum_i <q_prev_i, (dS k_prev)_i>`` gives dgate.
+
+Default: two kernels. A row pass (``D_i`` and the state's gradients) and a key-major pass (one program
+per key tile of one kv head, looping over the query heads of its GQA group and all query tiles: dk, dv,
+dk_prev in registers, dq and dq_prev added into zeroed float32 buffers with atomics, as FlashAttention
+2/3 do). That is 8 head_dim-sized products per (query tile, key tile) pair (SPEC 5), marked
+``# product 1..8`` in ``_dkdv_kernel``. The atomics make dq's summation order vary between runs.
+Deterministic mode (``torch.use_deterministic_algorithms(True)``, see ``deterministic()``): the key-major
+pass skips the atomics and a query-major pass (``_dq_kernel``) recomputes P and writes dq, dq_prev by
+plain stores: bitwise reproducible, 11 products per tile pair. Both recompute ``P`` from ``lse``;
+nothing of size ``Nq x Nk`` is stored. With ``rope_grid`` the inputs are rotated once (O(N), the
+forward's rotation kernel) before these kernels and the float32 gradients rotated back after them.
+Every input is read through its strides (``lse`` and ``tanh(gate)`` included: the op is public, its
+caller may pass views).
 """
 from __future__ import annotations
 
@@ -69,7 +81,7 @@ def _rows_kernel(
 
 @triton.jit
 def _dkdv_kernel(
-    Q, K, V, QP, KP, TG, DO, LSE, DELTA, DK, DV, DKP,
+    Q, K, V, QP, KP, TG, DO, LSE, DELTA, DK, DV, DKP, DQ, DQP,
     sqb, sqn, sqh, sqd,
     skb, skn, skh, skd,
     svb, svn, svh, svd,
@@ -79,10 +91,14 @@ def _dkdv_kernel(
     slb, slh, sln,
     stgb, stgh,
     Nq, Nk, Hq, Hkv, GROUP,
-    c_qk, scale, prev_scale,
+    c_qk, k_mult, ratio,
     D: tl.constexpr, DP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_RES: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_RES: tl.constexpr, QK_ZERO: tl.constexpr, ATOMIC_DQ: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
+    """Key-major pass; with ``ATOMIC_DQ`` also dq and dq_prev (float32 atomics). The products per
+    (query tile, key tile) pair, marked ``# product i`` below: the logits over the concatenated head
+    dim (1-2: ``k . q^T`` then ``k_prev . (r q_prev)^T`` into the same accumulator), dv (3), dP (4),
+    dk (5), dk_prev (6), dq (7), dq_prev (8). Every product has BLOCK_N or BLOCK_M rows."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // Hkv).to(tl.int64)
@@ -104,41 +120,53 @@ def _dkdv_kernel(
     for g in range(0, GROUP):
         h = hk * GROUP + g
         if HAS_RES:
-            tg = tl.load(TG + b * stgb + h * stgh).to(tl.float32)
-            c_res = tg * prev_scale * LOG2E_C
+            fold = tl.load(TG + b * stgb + h * stgh).to(tl.float32) * ratio  # the gate, folded into q_prev
         for start_m in range(0, Nq, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             mask_m = offs_m < Nq
             mask_md = mask_m[:, None] & mask_d[None, :]
             q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask=mask_md, other=0.0)
+            if QK_ZERO:  # scale == 0: the q . k term vanishes, k_mult = 1 carries the residual alone
+                q = q * 0
             row = (b * Hq + h) * Nq + offs_m
             lse2 = tl.load(LSE + b * slb + h * slh + offs_m * sln, mask=mask_m, other=0.0).to(tl.float32) * LOG2E_C
             delta = tl.load(DELTA + row, mask=mask_m, other=0.0)
-            # transposed logits: (BLOCK_N, BLOCK_M)
-            st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * c_qk
+            # transposed logits (BLOCK_N, BLOCK_M): one product over the concatenated head dim
+            st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)  # product 1
             if HAS_RES:
-                qp = tl.load(QP + b * sqpb + h * sqph + offs_m[:, None] * sqpn + offs_d[None, :] * sqpd, mask=mask_md, other=0.0)
-                st += tl.dot(kp, tl.trans(qp), input_precision=DOT_PREC) * c_res
-            pt = tl.where(mask_m[None, :] & mask_n[:, None], tl.exp2(st - lse2[None, :]), 0.0)
+                qp = tl.load(QP + b * sqpb + h * sqph + offs_m[:, None] * sqpn + offs_d[None, :] * sqpd,
+                             mask=mask_md, other=0.0)
+                qp = (qp * fold).to(q.dtype)
+                st = tl.dot(kp, tl.trans(qp), st, input_precision=DOT_PREC)  # product 2
+            pt = tl.where(mask_m[None, :] & mask_n[:, None], tl.exp2(st * c_qk - lse2[None, :]), 0.0)
             do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdon + offs_d[None, :] * sdod, mask=mask_md, other=0.0)
-            dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PREC)
-            dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
-            dst = pt * (dpt - delta[None, :])
-            dk += tl.dot(dst.to(q.dtype), q, input_precision=DOT_PREC)
+            dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PREC)  # product 3
+            dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)  # product 4
+            dst = (pt * (dpt - delta[None, :])).to(q.dtype)
+            dk += tl.dot(dst, q, input_precision=DOT_PREC)  # product 5
             if HAS_RES:
-                dkp += tl.dot(dst.to(qp.dtype), qp, input_precision=DOT_PREC) * tg
+                dkp += tl.dot(dst, qp, input_precision=DOT_PREC)  # product 6
+            if ATOMIC_DQ:
+                # DQ, DQP: zeroed contiguous float32 (B, Nq, Hq, D) buffers of dS k and dS k_prev
+                dq_at = DQ + ((b * Nq + offs_m[:, None]) * Hq + h) * D + offs_d[None, :]
+                tl.atomic_add(dq_at, tl.dot(tl.trans(dst), k, input_precision=DOT_PREC), mask=mask_md,  # product 7
+                              sem="relaxed")
+                if HAS_RES:
+                    dqp_at = DQP + ((b * Nq + offs_m[:, None]) * Hq + h) * D + offs_d[None, :]
+                    tl.atomic_add(dqp_at, tl.dot(tl.trans(dst), kp, input_precision=DOT_PREC),  # product 8
+                                  mask=mask_md, sem="relaxed")
 
     # DK, DV, DKP are fresh contiguous (B, Nk, Hkv, D) buffers
     out = ((b * Nk + offs_n[:, None]) * Hkv + hk) * D + offs_d[None, :]
-    tl.store(DK + out, (dk * scale).to(DK.dtype.element_ty), mask=mask_nd)
+    tl.store(DK + out, (dk * k_mult).to(DK.dtype.element_ty), mask=mask_nd)
     tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=mask_nd)
     if HAS_RES:
-        tl.store(DKP + out, (dkp * prev_scale).to(DKP.dtype.element_ty), mask=mask_nd)
+        tl.store(DKP + out, (dkp * k_mult).to(DKP.dtype.element_ty), mask=mask_nd)
 
 
 @triton.jit
 def _dq_kernel(
-    Q, K, V, QP, KP, TG, DO, LSE, DELTA, DQ, DQP, GROW,
+    Q, K, V, QP, KP, TG, DO, LSE, DELTA, DQ, DQP,
     sqb, sqn, sqh, sqd,
     skb, skn, skh, skd,
     svb, svn, svh, svd,
@@ -148,10 +176,12 @@ def _dq_kernel(
     slb, slh, sln,
     stgb, stgh,
     Nq, Nk, Hq, GROUP,
-    c_qk, scale, prev_scale,
+    c_qk, ratio,
     D: tl.constexpr, DP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_RES: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_RES: tl.constexpr, QK_ZERO: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
+    """Deterministic mode's query-major pass: dS k and dS k_prev (float32, unscaled) by plain stores.
+    Products per tile pair: logits (1-2), dP (3), dq (4), dq_prev (5)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // Hq).to(tl.int64)
@@ -164,6 +194,8 @@ def _dq_kernel(
     mask_md = mask_m[:, None] & mask_d[None, :]
 
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask=mask_md, other=0.0)
+    if QK_ZERO:
+        q = q * 0
     do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdon + offs_d[None, :] * sdod, mask=mask_md, other=0.0)
     row = (b * Hq + h) * Nq + offs_m
     lse2 = tl.load(LSE + b * slb + h * slh + offs_m * sln, mask=mask_m, other=0.0).to(tl.float32) * LOG2E_C
@@ -171,10 +203,8 @@ def _dq_kernel(
     dq = tl.zeros([BLOCK_M, DP], tl.float32)
     if HAS_RES:
         qp = tl.load(QP + b * sqpb + h * sqph + offs_m[:, None] * sqpn + offs_d[None, :] * sqpd, mask=mask_md, other=0.0)
-        tg = tl.load(TG + b * stgb + h * stgh).to(tl.float32)
-        c_res = tg * prev_scale * LOG2E_C
+        qp = (qp * (tl.load(TG + b * stgb + h * stgh).to(tl.float32) * ratio)).to(q.dtype)  # once per program
         dqp = tl.zeros([BLOCK_M, DP], tl.float32)
-        grow = tl.zeros([BLOCK_M], tl.float32)
 
     for start_n in range(0, Nk, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -182,55 +212,59 @@ def _dq_kernel(
         mask_nd = mask_n[:, None] & mask_d[None, :]
         k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=mask_nd, other=0.0)
         v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=mask_nd, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * c_qk
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
         if HAS_RES:
             kp = tl.load(KP + b * skpb + hk * skph + offs_n[:, None] * skpn + offs_d[None, :] * skpd, mask=mask_nd, other=0.0)
-            s_prev = tl.dot(qp, tl.trans(kp), input_precision=DOT_PREC)
-            s += s_prev * c_res
-        p = tl.where(mask_m[:, None] & mask_n[None, :], tl.exp2(s - lse2[:, None]), 0.0)
+            s = tl.dot(qp, tl.trans(kp), s, input_precision=DOT_PREC)
+        p = tl.where(mask_m[:, None] & mask_n[None, :], tl.exp2(s * c_qk - lse2[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+        ds = (p * (dp - delta[:, None])).to(k.dtype)
+        dq += tl.dot(ds, k, input_precision=DOT_PREC)
         if HAS_RES:
-            dqp += tl.dot(ds.to(kp.dtype), kp, input_precision=DOT_PREC)
-            grow += tl.sum(ds * s_prev, 1)
+            dqp += tl.dot(ds, kp, input_precision=DOT_PREC)
 
     out = ((b * Nq + offs_m[:, None]) * Hq + h) * D + offs_d[None, :]
-    tl.store(DQ + out, (dq * scale).to(DQ.dtype.element_ty), mask=mask_md)
+    tl.store(DQ + out, dq, mask=mask_md)
     if HAS_RES:
-        tl.store(DQP + out, (dqp * (tg * prev_scale)).to(DQP.dtype.element_ty), mask=mask_md)
-        tl.store(GROW + row, grow, mask=mask_m)
+        tl.store(DQP + out, dqp, mask=mask_md)
 
 
-# FLOP/byte as in the forward. The key-major pass holds k, v, k_prev and three float32 (BLOCK_N, D)
-# accumulators, the query-major pass q, q_prev, dO and two: with the residual both sit at the
-# 255-register limit already at 64 x 64 tiles with 8 warps (offline sm_90 compiles, D=128: ~0.5-0.7 KiB
-# of spill per thread), so the lists favour 64 x 64 / 8 warps and let the autotuner weigh larger tiles.
+# Tiles: every product has BLOCK_M or BLOCK_N rows on its M side, so both are >= 64 for 16-bit inputs
+# (wgmma needs 64; a 32-row side compiles to mma.sync). The lists hold only configs that the JIT-faithful
+# sm_90 compile (tests/kernels/sm90_compile.py, NOTES.md) finds within 227 KiB of shared memory; at
+# D=128 the key-major pass still spills 344-392 B (owed, bounded there). Kept short: every user pays
+# the autotuning on the first call of a shape.
 DKDV_CONFIGS = {
-    64: [_cfg(64, 128, 8, 2), _cfg(64, 64, 4, 3), _cfg(32, 64, 4, 3), _cfg(32, 128, 8, 2)],
-    # 64 x 32 and 32 x 32 with 8 warps compile spill-free with the residual at D=128 (64 x 64: ~0.8 KB)
-    128: [_cfg(64, 64, 8, 2), _cfg(32, 64, 8, 2), _cfg(32, 64, 4, 3), _cfg(64, 128, 8, 2), _cfg(64, 32, 8, 2),
-          _cfg(32, 32, 8, 2)],
-    256: [_cfg(32, 32, 8, 1), _cfg(32, 64, 8, 1), _cfg(16, 32, 4, 1)],
+    64: [_cfg(64, 64, 8, 1)],  # 64 x 64 / 8 warps / 2 stages: 8 B of stack
+    128: [_cfg(64, 64, 8, 1), _cfg(64, 64, 8, 2)],
+    256: [_cfg(64, 64, 8, 1)],
     "fp32": [_cfg(32, 32, 4, 1), _cfg(16, 32, 4, 1)],
 }
-DQ_CONFIGS = {
-    64: [_cfg(128, 64, 8, 2), _cfg(64, 64, 4, 3), _cfg(128, 32, 4, 3), _cfg(64, 128, 8, 2)],
-    # 32 x 32 / 4 warps compiles spill-free with the residual at D=128, 32 x 64 / 8 warps ~70 B (64 x 64: ~0.4 KB)
-    128: [_cfg(64, 64, 8, 2), _cfg(64, 32, 4, 2), _cfg(128, 64, 8, 2), _cfg(64, 64, 4, 3), _cfg(32, 32, 4, 2),
-          _cfg(32, 64, 8, 2)],
-    256: [_cfg(32, 32, 8, 1), _cfg(64, 32, 8, 1), _cfg(32, 64, 8, 1)],
-    "fp32": [_cfg(32, 32, 4, 1), _cfg(32, 16, 4, 1)],
+DQ_CONFIGS = {  # deterministic mode only
+    64: [_cfg(64, 64, 4, 2), _cfg(128, 64, 8, 2)],
+    128: [_cfg(64, 64, 8, 2), _cfg(128, 64, 8, 2)],
+    256: [_cfg(64, 32, 8, 1)],
+    "fp32": [_cfg(32, 32, 4, 1)],
 }
 ROWS_BLOCK_M = 64
 
-_dkdv_tuned = _tuned(_dkdv_kernel, DKDV_CONFIGS, key=["Nq", "Nk", "D", "HAS_RES"])
+# the atomic pass accumulates into DQ / DQP: every autotune trial must start from zeros
+_dkdv_tuned = _tuned(_dkdv_kernel, DKDV_CONFIGS, key=["Nq", "Nk", "D", "HAS_RES", "ATOMIC_DQ"],
+                     reset_to_zero=["DQ", "DQP"])
 _dq_tuned = _tuned(_dq_kernel, DQ_CONFIGS, key=["Nq", "Nk", "D", "HAS_RES"])
+
+
+def deterministic() -> bool:
+    """Deterministic mode: dq and dq_prev from a separate query-major pass (plain stores, bitwise
+    reproducible, 11 products per tile pair instead of 8). On when
+    ``torch.are_deterministic_algorithms_enabled()``; off by default (float32 atomics in the key-major
+    pass, whose summation order varies from run to run)."""
+    return torch.are_deterministic_algorithms_enabled()
 
 
 def backward(dout, dlse, q, k, v, q_prev, k_prev, gate, tanh_gate, out_c, lse_c, out, lse,
              scale, prev_scale, rope_grid, rope_theta):
-    """Launches the three backward kernels (under the caller's device guard); returns (dq, dk, dv,
+    """Launches the backward kernels (under the caller's device guard); returns (dq, dk, dv,
     dq_prev, dk_prev, dgate, dout_c, dlse_c), with ``None`` for the inputs that were not given."""
     b, nq, hq, d = q.shape
     nk, hkv = k.shape[1], k.shape[2]
@@ -255,26 +289,38 @@ def backward(dout, dlse, q, k, v, q_prev, k_prev, gate, tanh_gate, out_c, lse_c,
         if has_res:
             q_prev, k_prev = _fwd.rope(q_prev, rope_grid, rope_theta), _fwd.rope(k_prev, rope_grid, rope_theta)
     grad_dtype = torch.float32 if rope else q.dtype  # rotate back from float32, round once
-    dq = _fwd.empty((b, nq, hq, d), grad_dtype, dev)
     dk = _fwd.empty((b, nk, hkv, d), grad_dtype, dev)
     dv = _fwd.empty((b, nk, hkv, d), v.dtype, dev)
-    dqp = _fwd.empty(dq.shape, dq.dtype, dev) if has_res else None
     dkp = _fwd.empty(dk.shape, dk.dtype, dev) if has_res else None
-    grow = _fwd.empty((b, hq, nq), torch.float32, dev) if has_res else None
+    # dS k and dS k_prev in float32, scaled below: zeroed for the atomics, written once otherwise
+    atomic = not deterministic()
+    alloc = (lambda shape: torch.zeros(shape, dtype=torch.float32, device=dev)) if atomic else \
+        (lambda shape: _fwd.empty(shape, torch.float32, dev))
+    dq_raw = alloc((b, nq, hq, d))
+    dqp_raw = alloc((b, nq, hq, d)) if has_res else None
     qp, kp, tg = (q_prev, k_prev, tanh_gate) if has_res else (q, k, q)
     strides = (*q.stride(), *k.stride(), *v.stride(), *qp.stride(), *kp.stride(), *dout.stride(), *lse.stride(),
                *tg.stride()[:2])
-    consts = dict(D=d, DP=dp, HAS_RES=has_res, DOT_PREC=dot_prec)
+    # S = k_mult (<q, k> + ratio tanh(g) <q_prev, k_prev>): the gate folded into the q_prev operand
+    c_qk, ratio = _fwd.logit_factors(scale, prev_scale)
+    k_mult = scale if scale != 0 else 1.0
+    consts = dict(D=d, DP=dp, HAS_RES=has_res, QK_ZERO=scale == 0, DOT_PREC=dot_prec)
     launch(_dkdv_kernel, _dkdv_tuned, lambda meta: (triton.cdiv(nk, meta["BLOCK_N"]), b * hkv), dp,
-           (q, k, v, qp, kp, tg, dout, lse, delta, dk, dv, dkp if has_res else dk, *strides,
-            nq, nk, hq, hkv, hq // hkv, scale * LOG2E, scale, prev_scale), consts)
-    launch(_dq_kernel, _dq_tuned, lambda meta: (triton.cdiv(nq, meta["BLOCK_M"]), b * hq), dp,
-           (q, k, v, qp, kp, tg, dout, lse, delta, dq, dqp if has_res else dq, grow if has_res else delta, *strides,
-            nq, nk, hq, hq // hkv, scale * LOG2E, scale, prev_scale), consts)
+           (q, k, v, qp, kp, tg, dout, lse, delta, dk, dv, dkp if has_res else dk, dq_raw,
+            dqp_raw if has_res else dq_raw, *strides, nq, nk, hq, hkv, hq // hkv, c_qk, k_mult, ratio),
+           dict(consts, ATOMIC_DQ=atomic))
+    if not atomic:
+        launch(_dq_kernel, _dq_tuned, lambda meta: (triton.cdiv(nq, meta["BLOCK_M"]), b * hq), dp,
+               (q, k, v, qp, kp, tg, dout, lse, delta, dq_raw, dqp_raw if has_res else dq_raw, *strides,
+                nq, nk, hq, hq // hkv, c_qk, ratio), consts)
 
-    dgate = None
+    dq = (dq_raw * scale).to(grad_dtype)
+    dqp = dgate = None
     if has_res:
-        dgate = ((1 - tanh_gate * tanh_gate) * prev_scale * grow.sum(-1)).to(gate.dtype).contiguous()
+        # sum_ij dS_ij <q_prev_i, k_prev_j> = sum_i <q_prev_i, (dS k_prev)_i> (rotation-invariant)
+        grow = torch.einsum("bnhd,bnhd->bh", q_prev.float(), dqp_raw)
+        dgate = ((1 - tanh_gate * tanh_gate) * prev_scale * grow).to(gate.dtype).contiguous()
+        dqp = (dqp_raw * (tanh_gate * prev_scale)[:, None, :, None]).to(grad_dtype)
     if rope:
         unrotate = lambda g: _fwd.rope(g, rope_grid, rope_theta, inverse=True, dtype=out.dtype)  # noqa: E731
         dq, dk = unrotate(dq), unrotate(dk)

@@ -2,8 +2,10 @@
 
 One program owns ``BLOCK_M`` query rows of one query head and streams the keys of its kv head in
 ``BLOCK_N`` tiles, keeping the running max ``m``, sum ``l`` and the float32 output accumulator in
-registers (online softmax, base-2: ``log2(e)`` is folded into the logit scales). The residual logits
-are a second ``tl.dot`` per key tile, so no ``Nq x Nk`` tensor ever exists. A given state
+registers (online softmax, base-2: ``log2(e)`` is folded into the logit scales). The logits are one
+product over the concatenated head dim, ``[q, r q_prev] . [k, k_prev]^T`` (two ``tl.dot`` into one
+accumulator, ``r = tanh(gate) prev_scale / scale`` folded into ``q_prev`` once per program), so no
+``Nq x Nk`` tensor ever exists. A given state
 ``(out_c, lse_c)`` is the starting point of the online softmax: ``m = lse_c``, ``l = 1`` (an empty
 state, ``lse_c = -inf``, starts from ``m = -inf``, ``l = 0`` and its ``out_c`` row is discarded, so it
 may hold NaN); ``out_c`` joins the accumulator in the epilogue with the weight ``exp(lse_c - m_final)``
@@ -17,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _backend
+from . import _autotune, _backend
 
 LOG2E = 1.4426950408889634
 # kernels may read only constexpr globals
@@ -85,9 +87,10 @@ def _fwd_kernel(
     stgb, stgh,
     sob, son, soh, sod,
     Nq, Nk, Hq, GROUP, GW,
-    c_qk, c_prev,
+    c_qk, ratio,
     D: tl.constexpr, DP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_RES: tl.constexpr, HAS_STATE: tl.constexpr, ROPE: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_RES: tl.constexpr, HAS_STATE: tl.constexpr, ROPE: tl.constexpr, QK_ZERO: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -107,12 +110,15 @@ def _fwd_kernel(
     q = tl.load(q_base + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask=mask_md, other=0.0)
     if ROPE:
         q = rope_tile(q, q_base, offs_m, offs_d, sqn, sqd, mask_md, INVF, GW, D)
+    if QK_ZERO:  # scale == 0: the q . k term vanishes (c_qk then carries log2(e) alone)
+        q = q * 0
     if HAS_RES:
         qp_base = QP + b64 * sqpb + h * sqph
         qp = tl.load(qp_base + offs_m[:, None] * sqpn + offs_d[None, :] * sqpd, mask=mask_md, other=0.0)
         if ROPE:
             qp = rope_tile(qp, qp_base, offs_m, offs_d, sqpn, sqpd, mask_md, INVF, GW, D)
-        c_res = tl.load(TG + b64 * stgb + h * stgh).to(tl.float32) * c_prev  # tanh(gate) * prev_scale * log2(e)
+        # the gate folded into the query-side operand once: S = c_qk [q, r q_prev] . [k, k_prev]^T
+        qp = (qp * (tl.load(TG + b64 * stgb + h * stgh).to(tl.float32) * ratio)).to(q.dtype)
 
     # The online softmax starts from the given state: its max is lse_c, its sum 1 (an empty state,
     # lse_c = -inf, contributes nothing). Its output joins in the epilogue, scaled like the
@@ -135,11 +141,11 @@ def _fwd_kernel(
         mask_n = offs_n < Nk
         mask_nd = mask_n[:, None] & mask_d[None, :]
         k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=mask_nd, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * c_qk
-        if HAS_RES:
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        if HAS_RES:  # the second half of the one logits product over the concatenated head dim
             kp = tl.load(kp_base + offs_n[:, None] * skpn + offs_d[None, :] * skpd, mask=mask_nd, other=0.0)
-            s += tl.dot(qp, tl.trans(kp), input_precision=DOT_PREC) * c_res
-        s = tl.where(mask_n[None, :], s, float("-inf"))
+            s = tl.dot(qp, tl.trans(kp), s, input_precision=DOT_PREC)
+        s = tl.where(mask_n[None, :], s * c_qk, float("-inf"))
         # every key tile holds at least one real key, so m_new is finite
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -165,34 +171,32 @@ def _fwd_kernel(
 # --------------------------------------------------------------------------------------------------
 # Block sizes.
 #
-# FLOP/byte: per key tile a program does 2*BLOCK_M*BLOCK_N*D FLOPs per dot (3 dots with the residual:
-# q.k, q_prev.k_prev, p.v) against (2 + HAS_RES)*BLOCK_N*D*2 bytes of K/V/K_prev loads, i.e.
-# ~BLOCK_M FLOPs/byte from L2: BLOCK_M = 128 puts the kernel well above the H100's ~300 FLOP/byte
-# ridge point (L2 bandwidth is several x HBM's), so it is tensor-core bound. BLOCK_N = 64 (D=128)
-# keeps q, q_prev (resident) plus the float32 accumulator and two S tiles near the 255-register limit
-# of 8 warps (offline sm_90 compiles of the residual+state variant: 255 registers, ~150 B of spill,
-# 80 KiB shared; smaller tiles are in the list for the autotuner to weigh); D <= 64 affords
-# BLOCK_N = 128. num_stages 2-3 pipelines the K/V loads. D = 256 and float32 (IEEE dots, 4-byte
-# tiles) take smaller tiles to fit shared memory and registers. Autotuning picks per (Nq, Nk, D).
-
+# FLOP/byte: per key tile a program does 2*BLOCK_M*BLOCK_N*D FLOPs per head-dim product (3 with the
+# residual: the logits over the concatenated 2 x D, then p.v) against (2 + HAS_RES)*BLOCK_N*D*2 bytes
+# of K/V/K_prev loads, i.e. ~BLOCK_M FLOPs/byte from L2: BLOCK_M = 128 puts the kernel well above the
+# H100's ridge point, so it is tensor-core bound. Compiled as the JIT compiles the SPEC 5 call
+# (tests/kernels/sm90_compile.py, NOTES.md), every 16-bit config below uses wgmma, spills nothing
+# (in-kernel RoPE excepted: owed) and fits 227 KiB of shared memory (128 x 64 / 8 / 3 at D=128: 212
+# registers, 209 KiB; 128 x 128 needs 257 KiB). D = 256 and float32 (IEEE dots, 4-byte tiles) take
+# smaller tiles. Autotuning picks per (Nq, Nk, D); LATTE_KERNELS_AUTOTUNE_MAX cuts the lists.
 
 def _cfg(bm, bn, w, s):
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
 
 
 FWD_CONFIGS = {
-    64: [_cfg(128, 128, 8, 3), _cfg(128, 64, 4, 3), _cfg(64, 64, 4, 4), _cfg(128, 64, 8, 2)],
-    128: [_cfg(128, 64, 8, 3), _cfg(128, 64, 8, 2), _cfg(128, 32, 8, 3), _cfg(64, 64, 4, 3), _cfg(64, 64, 8, 2),
-          _cfg(64, 64, 8, 3)],  # 64 x 64 / 8 warps: ~50 B spill with residual + state + RoPE (128 x 64: ~2 KB)
-    256: [_cfg(64, 32, 8, 2), _cfg(64, 64, 8, 2), _cfg(32, 64, 4, 2)],
+    64: [_cfg(128, 128, 8, 3), _cfg(128, 64, 8, 2), _cfg(64, 64, 4, 4)],
+    128: [_cfg(128, 64, 8, 3), _cfg(128, 64, 8, 2), _cfg(64, 64, 4, 3)],
+    256: [_cfg(64, 32, 8, 2), _cfg(64, 32, 4, 2)],
     "fp32": [_cfg(64, 32, 4, 2), _cfg(32, 32, 4, 1)],
 }
 INTERPRET_BLOCKS = {"BLOCK_M": 64, "BLOCK_N": 32}  # one small config: the interpreter is slow per op
 
 
-def _tuned(kernel, configs_by_class, key):
+def _tuned(kernel, configs_by_class, key, reset_to_zero=None):
     """One autotuner per class of configs: head_dim <= 64, 128 or 256 (16-bit), or any float32."""
-    tuned = {c: triton.autotune(configs=cfgs, key=key)(kernel) for c, cfgs in configs_by_class.items()}
+    tuned = {c: triton.autotune(configs=_autotune.limit(cfgs), key=key, reset_to_zero=reset_to_zero)(kernel)
+             for c, cfgs in configs_by_class.items()}
     return lambda dp, dtype: tuned["fp32" if dtype == torch.float32 else (64 if dp <= 64 else dp)]
 
 
@@ -211,6 +215,12 @@ def launch(kernel, tuned, grid_fn, dp, args, consts):
 def empty(shape, dtype, device) -> torch.Tensor:
     """Every buffer the kernels write comes from here (the tests swap in a NaN-poisoning version)."""
     return torch.empty(shape, dtype=dtype, device=device)
+
+
+def logit_factors(scale: float, prev_scale: float):
+    """``(c_qk, ratio)`` with ``S log2(e) = c_qk (<q, k> + ratio tanh(g) <q_prev, k_prev>)``; for
+    ``scale == 0`` (``QK_ZERO``: the kernels drop ``q``) ``c_qk = log2(e)``, ``ratio = prev_scale``."""
+    return (scale * LOG2E, prev_scale / scale) if scale != 0 else (LOG2E, prev_scale)
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -268,7 +278,8 @@ def forward(q, k, v, q_prev, k_prev, tanh_gate, out_c, lse_c, scale, prev_scale,
     args = (q, k, v, qp, kp, tg, oc, lc, invf, out, lse,
             *q.stride(), *k.stride(), *v.stride(), *qp.stride(), *kp.stride(), *oc.stride(), *lc.stride(),
             *tg.stride()[:2], *out.stride(), nq, nk, hq, hq // hkv, rope_grid[1] if has_rope else 1,
-            scale * LOG2E, prev_scale * LOG2E)
-    consts = dict(D=d, DP=dp, HAS_RES=has_res, HAS_STATE=has_state, ROPE=has_rope, DOT_PREC=dot_precision(q.dtype))
+            *logit_factors(scale, prev_scale))
+    consts = dict(D=d, DP=dp, HAS_RES=has_res, HAS_STATE=has_state, ROPE=has_rope, QK_ZERO=scale == 0,
+                  DOT_PREC=dot_precision(q.dtype))
     launch(_fwd_kernel, _fwd_tuned, lambda meta: (triton.cdiv(nq, meta["BLOCK_M"]), b * hq), dp, args, consts)
     return out, lse
