@@ -11,3 +11,12 @@ def tiny():
     import model_helpers
 
     return model_helpers
+
+
+@pytest.fixture(scope="session")
+def toy_qwen2vl_folder(tmp_path_factory):
+    """A Qwen2-VL folder as a user has one: ``save_pretrained`` weights (random, tiny) and a byte-level
+    BPE tokenizer with Qwen's special tokens, no BOS and a chat template (``toy_backbone``)."""
+    import toy_backbone
+
+    return toy_backbone.write_toy_qwen2vl(tmp_path_factory.mktemp("toy_qwen2vl"))
