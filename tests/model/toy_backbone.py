@@ -55,3 +55,47 @@ def load_toy(folder):
     from transformers import Qwen2VLForConditionalGeneration
 
     return Qwen2VLForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+# A DC-AE with 4x downsampling (three block levels) and 4 latent channels: 16x16 images -> 4 x 4 x 4 latents.
+TOY_DC = dict(in_channels=3, latent_channels=4, attention_head_dim=4,
+              encoder_block_types=("ResBlock",) * 3, decoder_block_types=("ResBlock",) * 3,
+              encoder_block_out_channels=(8, 8, 16), decoder_block_out_channels=(8, 8, 16),
+              encoder_layers_per_block=(1, 1, 1), decoder_layers_per_block=(1, 1, 1),
+              encoder_qkv_multiscales=((), (), ()), decoder_qkv_multiscales=((), (), ()))
+TOY_CLASSES = ["n01440764", "n01443537", "n01484850"]
+TOY_PROMPTS = ["tench", "goldfish", "great white shark"]
+
+
+def write_toy_dcae(folder, seed: int = 0) -> str:
+    from diffusers import AutoencoderDC
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        vae = AutoencoderDC(**TOY_DC).eval()
+    vae.save_pretrained(folder)
+    return os.fspath(folder)
+
+
+def write_toy_prepared(folder, vae_folder, per_class: int = 4, resolution: int = 16, seed: int = 0) -> str:
+    """A prepare folder (two shards, the manifest) of DC-AE latents of random images, ``per_class`` per class."""
+    from latteflow.core.files import weights_sha256
+    from latteflow.data.shards import write_manifest, write_shard
+    from latteflow.data.vae import DCAutoencoder
+
+    ae = DCAutoencoder.from_pretrained(vae_folder, scaling_factor=0.5)
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(len(TOY_CLASSES)).repeat_interleave(per_class)
+    with torch.no_grad():
+        latents = ae.encode(torch.rand(len(labels), 3, resolution, resolution, generator=g) * 2 - 1)
+    os.makedirs(folder, exist_ok=True)
+    half = len(labels) // 2
+    shards = [write_shard(folder, 0, latents[:half], labels[:half]),
+              write_shard(folder, 1, latents[half:], labels[half:])]
+    write_manifest(folder, {
+        "format": "latteflow-latents/1", "resolution": resolution, "latent_shape": list(latents.shape[1:]),
+        "scaling_factor": 0.5, "flip": False, "dtype": "float32", "classes": TOY_CLASSES, "prompts": TOY_PROMPTS,
+        "counts": [per_class] * len(TOY_CLASSES), "num_latents": len(labels), "shards": shards,
+        "vae": {"folder": os.path.abspath(vae_folder), "sha256": weights_sha256(vae_folder)["sha256"]},
+        "skipped": []})
+    return os.fspath(folder)
