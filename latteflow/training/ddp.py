@@ -88,8 +88,12 @@ class LabeledLatents:
     def __len__(self) -> int:
         return self.latents.shape[0]
 
+    def rows(self, indices: Tensor) -> Tensor:
+        """The latents of ``indices`` (a dataset that reads them lazily overrides this)."""
+        return self.latents[indices]
+
     def batch(self, model, indices: Tensor):
-        x = self.latents[indices].to(model.device)
+        x = self.rows(indices).to(model.device)
         labels = self.labels[indices].tolist()
         if model.cfg.is_blend:
             ids, mask = self.tokenizer.encode([self.prompts[i] for i in labels], device=model.device)
@@ -370,7 +374,9 @@ def build_parser(prog: str = "latteflow train --distributed") -> argparse.Argume
                                        "(DDP, or FSDP2 for blend); checkpoints resume on any world size.")
     p.add_argument("--out", required=True, help="checkpoint directory (step_* subdirectories and 'latest')")
     p.add_argument("--steps", type=int, required=True, help="total optimizer steps")
-    p.add_argument("--data", choices=("digits",), default="digits")
+    p.add_argument("--data", default="digits", help="'digits' or a 'latteflow prepare' folder (needs --backbone)")
+    p.add_argument("--backbone", default=None, help="Qwen2-VL folder (save_pretrained) for a prepare folder")
+    p.add_argument("--grad-checkpoint", action="store_true", help="recompute the generation layers in backward")
     p.add_argument("--global-batch-size", type=int, default=64, help="summed over ranks")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=0.0)
@@ -403,11 +409,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     env = None
     try:
         env = init_distributed(args.device)
-        from latteflow.data.digits import DIGIT_PROMPTS, load_digits_split
+        if args.data == "digits":
+            from latteflow.data.digits import DIGIT_PROMPTS, load_digits_split
 
-        model, tok = build_digits_model(args, env.device)
-        split = load_digits_split(0)
-        data = LabeledLatents(split.train_images, split.train_labels, DIGIT_PROMPTS, tok)
+            if args.backbone is not None:
+                raise ValueError("--backbone goes with a prepare folder, not --data digits")
+            model, tok = build_digits_model(args, env.device)
+            split = load_digits_split(0)
+            data = LabeledLatents(split.train_images, split.train_labels, DIGIT_PROMPTS, tok)
+            metadata, include_backbone = {"tokenizer": tok.to_dict(), "backbone_seed": args.backbone_seed}, True
+        else:
+            from latteflow.training.prepared import prepared_for_ddp
+
+            model, data, metadata = prepared_for_ddp(args.data, args.backbone, env.device, variant=args.variant,
+                                                     num_groups=args.num_groups, backend=args.backend,
+                                                     init_seed=args.init_seed, grad_checkpoint=args.grad_checkpoint)
+            include_backbone = model.cfg.is_blend  # couple: the trainable parameters, the backbone by SHA-256
         amp = None if args.amp == "auto" else args.amp == "on"
 
         def report(step, loss):
@@ -419,7 +436,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm or None, amp=amp, seed=args.seed,
             data_seed=args.data_seed, fsdp=args.fsdp, checkpoint_dir=args.out,
             checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep, resume=not args.no_resume,
-            metadata={"tokenizer": tok.to_dict(), "backbone_seed": args.backbone_seed}, env=env, callback=report)
+            include_backbone=include_backbone, metadata=metadata, env=env, callback=report)
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2

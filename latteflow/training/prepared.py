@@ -29,7 +29,7 @@ from latteflow.core.checkpoint import atomic_write_bytes, save_checkpoint
 from latteflow.core.config import LatteFlowConfig
 from latteflow.core.model import LatteFlowModel
 
-__all__ = ["IMAGENET256", "IMAGENET256_CHOSEN", "ShardBatches", "build_prepared_model", "enable_grad_checkpointing",
+__all__ = ["IMAGENET256", "IMAGENET256_CHOSEN", "PreparedLatents", "ShardBatches", "prepared_for_ddp", "build_prepared_model", "enable_grad_checkpointing",
            "model_metadata", "train_prepared"]
 
 # The paper's ImageNet 256x256 settings (section 4, "training and evaluation details").
@@ -136,6 +136,44 @@ class ShardBatches:
 
             self._contexts = PromptContexts(self.model, self.tokenizer, prompts)
         return x, self._contexts.rows(labels), self._contexts.null
+
+
+def prepared_for_ddp(data_dir: str, backbone_dir: Optional[str], device, *, init_seed: int = 0,
+                     grad_checkpoint: bool = False, **config_kw):
+    """``(model, data, metadata)`` for ``latteflow.training.ddp.train_distributed`` on a prepare folder:
+    ``data`` reads the shards lazily (``LabeledLatents`` interface), ``metadata`` is what the checkpoints
+    record so ``load_pipeline`` and distributed sampling read them."""
+    from latteflow.data.shards import LatentShards
+
+    if backbone_dir is None:
+        raise ValueError(f"--data {data_dir!r} is a prepare folder: --backbone DIR (a Qwen2-VL folder) is required")
+    shards = LatentShards(data_dir)
+    model, tokenizer, record = build_prepared_model(shards.manifest, backbone_dir, device=device,
+                                                    init_seed=init_seed, **config_kw)
+    if grad_checkpoint:
+        enable_grad_checkpointing(model)
+    return model, PreparedLatents(shards, tokenizer), model_metadata(shards.manifest, record)
+
+
+class PreparedLatents:
+    """The ``LabeledLatents`` interface (``len``, ``batch(model, indices)``) over a ``LatentShards``
+    without loading it whole."""
+
+    def __init__(self, shards, tokenizer):
+        from latteflow.training.ddp import LabeledLatents
+
+        labels = torch.empty(len(shards), dtype=torch.long)
+        for a, b in shards.shard_ranges:  # one shard at a time
+            labels[a:b] = torch.tensor([shards[i][1] for i in range(a, b)], dtype=torch.long)
+        self._inner = LabeledLatents(torch.empty(len(shards), 0, 0, 0), labels, shards.prompts, tokenizer)
+        self._inner.rows = lambda idx: torch.stack([shards[int(i)][0] for i in idx])
+        self.shards = shards
+
+    def __len__(self) -> int:
+        return len(self.shards)
+
+    def batch(self, model, indices):
+        return self._inner.batch(model, indices)
 
 
 def _check_same_run(path: str, settings: Dict[str, Any]) -> None:

@@ -99,3 +99,21 @@ def write_toy_prepared(folder, vae_folder, per_class: int = 4, resolution: int =
         "vae": {"folder": os.path.abspath(vae_folder), "sha256": weights_sha256(vae_folder)["sha256"]},
         "skipped": []})
     return os.fspath(folder)
+
+
+def prepared_job(rank, world_size, out_dir, data, backbone):
+    """One rank of the 2-rank gloo test: ``latteflow train --distributed`` on the prepare folder, then
+    ``latteflow sample --distributed`` of its checkpoint (through their command-line mains)."""
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    from latteflow.evaluation import sample_ddp
+    from latteflow.training import ddp
+
+    rc = ddp.main(["--data", data, "--backbone", backbone, "--out", os.path.join(out_dir, "ddp"), "--steps", "2",
+                   "--global-batch-size", "4", "--checkpoint-every", "2", "--num-groups", "2", "--lr", "1e-3",
+                   "--backend", "reference", "--device", "cpu"])
+    assert rc == 0, rc
+    rc = sample_ddp.main(["--checkpoint", os.path.join(out_dir, "ddp", "step_00000002"), "--out",
+                          os.path.join(out_dir, "samples"), "--per-class", "1", "--steps", "2", "--seed", "4",
+                          "--batch-size", "2", "--device", "cpu"])
+    assert rc == 0, rc
