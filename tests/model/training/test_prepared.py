@@ -90,3 +90,53 @@ def test_a_backbone_with_other_weights_is_refused(run, toy_qwen2vl_folder, tmp_p
     same = tmp_path / "copy"
     shutil.copytree(toy_qwen2vl_folder, same)  # another folder with the same weights is fine
     assert load_pipeline(str(run), device="cpu", backbone=str(same)).prompts[0] == "tench"
+
+
+def test_bench_checkpoint_times_the_pipeline(run, capsys):
+    from latteflow import load_pipeline
+    from latteflow.evaluation.checkpoint_speed import time_pipeline
+
+    r = time_pipeline(load_pipeline(str(run), device="cpu"), batch=2, steps=2, repeats=1)
+    assert r["batch"] == 2 and r["s_per_img"] > 0 and r["decode_s_per_img"] > 0
+    assert main(["bench", "--checkpoint", str(run), "--batch", "2", "--steps", "2", "--repeats", "1",
+                 "--device", "cpu"]) == 0
+    assert "s/img at batch 2" in capsys.readouterr().out
+
+
+def test_recipe_imagenet256_prints_and_applies_the_paper_settings(toy_prepared, toy_qwen2vl_folder, tmp_path,
+                                                                 capsys):
+    data, _ = toy_prepared
+    # explicit --steps / --batch-size win over the recipe; lr 5e-4 and the EMA come from it
+    assert main(["train", "--data", data, "--backbone", toy_qwen2vl_folder, "--out", str(tmp_path / "r"),
+                 "--recipe", "imagenet256", "--steps", "1", "--batch-size", "2", "--groups", "2",
+                 "--no-progress", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "global_batch_size 2048" in out and "lr 0.0005" in out and "steps 240000" in out
+    import json
+    run_json = json.load(open(tmp_path / "r" / "run.json"))
+    assert run_json["lr"] == 5e-4 and run_json["ema_decay"] == 0.9999 and run_json["global_batch_size"] == 2
+
+
+def test_grad_checkpointing_keeps_the_loss_and_gradients(toy_prepared, toy_qwen2vl_folder):
+    from latteflow.data.shards import load_manifest
+    from latteflow.training.prepared import build_prepared_model, enable_grad_checkpointing
+
+    data, _ = toy_prepared
+    grads = []
+    for wrap in (False, True):
+        model, tok, _ = build_prepared_model(load_manifest(data), toy_qwen2vl_folder, num_groups=2,
+                                             backend="reference")
+        with torch.no_grad():  # non-zero heads so every layer's gradient is non-zero
+            for g in model.groups:
+                g.proj_out.weight.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+        if wrap:
+            assert enable_grad_checkpointing(model) == 4
+        ctx = model.build_context(*tok.encode(["tench", "goldfish"]))
+        x = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+        loss = model.training_loss(x, ctx, None, generator=torch.Generator().manual_seed(2))
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    assert grads[0][1].keys() == grads[1][1].keys() and len(grads[0][1]) > 0
+    for n in grads[0][1]:
+        torch.testing.assert_close(grads[0][1][n], grads[1][1][n])
