@@ -61,8 +61,9 @@ def model_metadata(manifest: Dict[str, Any], backbone: Dict[str, str]) -> Dict[s
 
 def build_prepared_model(manifest: Dict[str, Any], backbone_dir: str, *, device=None, init_seed: int = 0,
                          sha256: Optional[str] = None, **config_kw):
-    """``(model, tokenizer, backbone_record)`` for a prepare folder's manifest on the backbone in
-    ``backbone_dir``; the new heads are drawn from ``init_seed``."""
+    """``(model, tokenizer, backbone_record)`` for training on a prepare folder's manifest with the backbone
+    in ``backbone_dir``: the new heads are drawn from ``init_seed``; the trainable parameters are float32
+    (blend: the whole model), the frozen couple backbone bfloat16 on CUDA."""
     from latteflow.text.pretrained import backbone_record, load_pretrained_backbone
     from latteflow.text.prompts import ChatPromptTokenizer
 
@@ -70,11 +71,18 @@ def build_prepared_model(manifest: Dict[str, Any], backbone_dir: str, *, device=
     if sha256 is not None and record["sha256"] != sha256:
         raise ValueError(f"backbone folder {record['folder']!r}: weights SHA-256 {record['sha256'][:16]}... differ "
                          f"from the {sha256[:16]}... this run was started with")
-    backbone = load_pretrained_backbone(record["folder"], device=device)
+    cfg = model_config(manifest, **config_kw)
+    # what trains keeps float32 master weights (bf16 comes from autocast); a frozen couple backbone stays
+    # in the loading dtype (bfloat16 on CUDA)
+    backbone = load_pretrained_backbone(record["folder"], device=device,
+                                        dtype=torch.float32 if cfg.is_blend else None)
     tokenizer = ChatPromptTokenizer.from_pretrained(record["folder"])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(init_seed)
-        model = LatteFlowModel(backbone, model_config(manifest, **config_kw))
+        model = LatteFlowModel(backbone, cfg)
+    for group in model.groups:
+        group.float()
+    model.time_embed.float()
     return model, tokenizer, record
 
 
