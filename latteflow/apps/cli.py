@@ -5,6 +5,7 @@
     latteflow train --data digits --out DIR --steps N --seed S [--resume ...]
     latteflow eval [--checkpoint digits --per-class 50 --steps 40 --guidance 5 --seed 0]
     latteflow bench ...            (benchmarks.e2e)
+    latteflow prepare --images DIR --vae DIR --out DIR [--resolution 256 ...]   (latteflow.data.prepare)
     latteflow sample --distributed ...   (under torchrun: latteflow.evaluation.sample_ddp)
     latteflow train --distributed ...    (under torchrun: latteflow.training.ddp)
     latteflow eval --fid ...             (torch-fidelity scores: latteflow.evaluation.fid)
@@ -73,9 +74,39 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
 
 
+def _add_prepare(sub) -> None:
+    p = sub.add_parser("prepare", help="encode an ImageNet-layout image folder into DC-AE latent shards (SPEC 3.2)")
+    p.add_argument("--images", required=True, help="folder with one sub-folder of images per class")
+    p.add_argument("--vae", required=True, help="AutoencoderDC folder (save_pretrained), e.g. dc-ae-f32c32-in-1.0")
+    p.add_argument("--out", required=True, help="output folder: shard_*.safetensors and manifest.json")
+    p.add_argument("--resolution", type=positive_int, default=256, help="side of the ADM centre crop (default 256)")
+    p.add_argument("--class-names", default=None, help="JSON {folder: prompt} (default: prompts are folder names)")
+    p.add_argument("--no-flip", action="store_true", help="no mirrored copy of each image")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="images per encoder call (default 64)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+
+
+def _cmd_prepare(a) -> int:
+    from latteflow.data.prepare import prepare
+
+    t0 = time.perf_counter()
+    m = prepare(a.images, a.vae, a.out, resolution=a.resolution, class_names=a.class_names, flip=not a.no_flip,
+                batch_size=a.batch_size, device=a.device, progress=not a.no_progress)
+    dt = time.perf_counter() - t0
+    c, h, w = m["latent_shape"]
+    print(f"{m['num_latents']} latents {c}x{h}x{w} ({'with' if m['flip'] else 'no'} mirrors) of "
+          f"{len(m['classes'])} classes in {len(m['shards'])} shards, {dt:.1f} s -> {a.out}")
+    if m["skipped"]:
+        print(f"skipped {len(m['skipped'])} file{'s' if len(m['skipped']) > 1 else ''}:")
+        for path, reason in m["skipped"]:
+            print(f"  {path}: {reason}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="LaTtE-Flow: sample, train, evaluate and benchmark.")
-    sub = parser.add_subparsers(dest="command", metavar="{sample,train,eval,bench}", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="{sample,train,eval,bench,prepare}", parser_class=_Parser)
     sub.required = True
 
     p = sub.add_parser("sample", help="generate images for prompts and write a PNG grid")
@@ -127,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fid", action="store_true",
                    help="FID / IS / precision-recall of an .npz or PNG folder with local Inception weights (latteflow.evaluation.fid)")
     _add_sampling(p)
+
+    _add_prepare(sub)
 
     sub.add_parser("bench", help="end-to-end benchmark (benchmarks.e2e); every later argument passes through",
                    add_help=False)
@@ -360,6 +393,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return _cmd_train(a, argv)
         if a.command == "eval":
             return _cmd_eval(a)
+        if a.command == "prepare":
+            return _cmd_prepare(a)
         raise UsageError(f"unknown command {a.command!r}")
     except _known_errors() as e:
         if debug:

@@ -36,7 +36,7 @@ from torch.utils.data import Dataset, Sampler
 
 from latteflow.core.files import atomic_write, sha256_file
 
-__all__ = ["FORMAT", "MANIFEST_NAME", "LatentShards", "ShardAwareSampler", "load_manifest", "shard_name",
+__all__ = ["FORMAT", "MANIFEST_NAME", "LatentShards", "ShardAwareSampler", "load_manifest", "shard_metadata", "shard_name",
            "write_manifest", "write_shard"]
 
 MANIFEST_NAME = "manifest.json"
@@ -45,6 +45,7 @@ MANIFEST_KEYS = ("format", "resolution", "latent_shape", "scaling_factor", "flip
                  "num_latents", "shards", "vae", "skipped")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _ST_DTYPES = {"F32": "float32", "BF16": "bfloat16"}
+_META_KEY = "latteflow"
 
 
 def shard_name(index: int) -> str:
@@ -60,7 +61,9 @@ def write_shard(folder: str | os.PathLike, index: int, latents: torch.Tensor, la
                 dtype: torch.dtype = torch.float32, metadata: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
     """Writes ``latents`` ``(n, C, h, w)`` (stored as ``dtype``: float32 or bfloat16) and ``labels`` ``(n,)``
     (stored as int64) atomically as shard ``index`` under ``folder``; ``metadata`` (str -> str) goes into the
-    safetensors header. Returns the manifest entry ``{"file", "count", "sha256"}``."""
+    safetensors header as one JSON string with sorted keys (safetensors writes several header entries in
+    a random order, and the same shard must be the same bytes), read back by ``shard_metadata``.
+    Returns the manifest entry ``{"file", "count", "sha256"}``."""
     from safetensors.torch import save
 
     name = shard_name(index)
@@ -79,7 +82,7 @@ def write_shard(folder: str | os.PathLike, index: int, latents: torch.Tensor, la
         raise ValueError(f"latents of {name} hold NaN or inf")
     tensors = {"latents": latents.detach().to("cpu", dtype).contiguous(),
                "labels": labels.detach().to("cpu", torch.int64).contiguous()}
-    data = save(tensors, metadata=metadata)
+    data = save(tensors, metadata=None if metadata is None else {_META_KEY: json.dumps(metadata, sort_keys=True)})
     path = os.path.join(os.fspath(folder), name)
     with atomic_write(path) as f:
         f.write(data)
@@ -188,6 +191,21 @@ def _shard_header(path: str) -> Tuple[Dict[str, Tuple[str, List[int]]], Dict[str
         raise ValueError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from e
 
 
+def shard_metadata(path: str) -> Dict[str, str]:
+    """The ``metadata`` a shard was written with (``write_shard``), ``{}`` when none; ValueError naming the
+    file when it is not a readable shard."""
+    _, meta = _shard_header(path)
+    if _META_KEY not in meta:
+        return {}
+    try:
+        value = json.loads(meta[_META_KEY])
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: malformed metadata ({e})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: malformed metadata (not an object)")
+    return value
+
+
 class LatentShards(Dataset):
     """The latents of a prepare folder as a map-style dataset: ``ds[i] -> (latent float32 (C, h, w), label)``.
 
@@ -256,6 +274,20 @@ class LatentShards(Dataset):
     def shard_ranges(self) -> List[Tuple[int, int]]:
         """``[(start, stop), ...]``: the dataset indices each non-empty shard holds, in file order."""
         return list(zip(self._starts[:-1], self._starts[1:]))
+
+    def labels(self) -> torch.Tensor:
+        """All labels, int64 ``(len(self),)``, in dataset order, reading only the ``labels`` tensor of each
+        shard (8 bytes per latent: ~20 MB for ImageNet with mirrors; no latent is loaded)."""
+        from safetensors import safe_open
+
+        parts = []
+        for path, count in zip(self._paths, self._counts):
+            with safe_open(path, framework="pt") as f:
+                labels = f.get_tensor("labels")
+            if labels.shape != (count,):
+                raise ValueError(f"{path}: holds {labels.shape[0]} labels, {MANIFEST_NAME} says {count}")
+            parts.append(labels)
+        return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
 
     def _shard(self, s: int) -> Tuple[torch.Tensor, torch.Tensor]:
         if s in self._cache:

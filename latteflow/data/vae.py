@@ -5,7 +5,9 @@ tensors, plus ``latent_channels`` and ``downsample`` (latent side = image side /
 """
 from __future__ import annotations
 
-from typing import Any, Dict
+import json
+import os
+from typing import Any, Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +67,31 @@ def _autoencoder_dc():
     return AutoencoderDC
 
 
+def config_scaling_factor(path: str, vae: Optional[nn.Module] = None) -> float:
+    """The ``scaling_factor`` a DC-AE's ``config.json`` records, or 0.3189 when it records none.
+
+    diffusers fills a missing ``scaling_factor`` with its default 1.0 on load, so the file itself is read
+    when ``path`` is a folder; otherwise (a hub-cache id) the loaded config's ``_use_default_values`` tells
+    whether the value came from the file."""
+    config_file = os.path.join(os.fspath(path), "config.json")
+    if os.path.isfile(config_file):
+        try:
+            with open(config_file, encoding="utf-8") as f:
+                raw = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{config_file}: not JSON ({e})") from e
+        value = raw.get("scaling_factor") if isinstance(raw, dict) else None
+    elif vae is not None and "scaling_factor" not in vae.config.get("_use_default_values", ["scaling_factor"]):
+        value = vae.config.get("scaling_factor")
+    else:
+        value = None
+    if value is None:
+        return DC_AE_F32C32_SCALE
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{config_file}: scaling_factor must be a positive number, got {value!r}")
+    return float(value)
+
+
 class DCAutoencoder(nn.Module):
     """diffusers ``AutoencoderDC`` with the latent scaling of LaTtE-Flow: ``encode(x) = E(x) * scale``,
     ``decode(z) = D(z / scale)``. Images in ``[-1, 1]``. ``scaling_factor`` defaults to 0.3189
@@ -78,11 +105,14 @@ class DCAutoencoder(nn.Module):
         self.scaling_factor = float(scaling_factor)
 
     @classmethod
-    def from_pretrained(cls, path: str, *, scaling_factor: float = DC_AE_F32C32_SCALE, local_files_only: bool = True,
+    def from_pretrained(cls, path: str, *, scaling_factor: Optional[float] = None, local_files_only: bool = True,
                         **kwargs) -> "DCAutoencoder":
         """Loads weights from a local directory (or the local hub cache); never downloads unless
-        ``local_files_only=False``."""
+        ``local_files_only=False``. ``scaling_factor`` defaults to the one the folder's ``config.json``
+        records, else 0.3189 (``dc-ae-f32c32-in-1.0``, whose original config lacks it)."""
         vae = _autoencoder_dc().from_pretrained(path, local_files_only=local_files_only, **kwargs)
+        if scaling_factor is None:
+            scaling_factor = config_scaling_factor(path, vae)
         return cls(vae.eval(), scaling_factor)
 
     @classmethod

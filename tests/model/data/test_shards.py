@@ -1,6 +1,7 @@
 """Latent shards: write/read round trip, lazy loading, manifest and shard errors naming files, the DDP sampler."""
 import json
 import os
+import time
 
 import pytest
 import torch
@@ -50,6 +51,9 @@ def test_round_trip_reads_every_latent_and_its_label(tmp_path):
     with pytest.raises(TypeError, match="index"):
         ds["0"]
     assert ds.shard_ranges == [(0, 5), (5, 8), (8, 14)]
+    fresh = LatentShards(tmp_path)
+    assert torch.equal(fresh.labels(), labels) and fresh.labels().dtype == torch.int64
+    assert not fresh._cache  # labels() loads no latents
 
 
 def test_bfloat16_shards_come_out_as_float32(tmp_path):
@@ -119,6 +123,20 @@ def test_bad_shards_are_errors_naming_the_shard(tmp_path):
     os.unlink(shard1)
     with pytest.raises(ValueError, match="shard_00001.safetensors: missing"):
         LatentShards(tmp_path)
+
+
+def test_a_shard_is_the_same_bytes_each_time_and_keeps_its_metadata(tmp_path):
+    from latteflow.data.shards import shard_metadata
+
+    meta = {k: str(v) for k, v in zip("abcdefgh", range(8))}
+    x, y = torch.randn(3, *SHAPE), torch.arange(3)
+    digests = {write_shard(tmp_path, 0, x, y, metadata=meta)["sha256"] for _ in range(10)}
+    assert len(digests) == 1
+    assert shard_metadata(str(tmp_path / "shard_00000.safetensors")) == meta
+    write_shard(tmp_path, 1, x, y)
+    assert shard_metadata(str(tmp_path / "shard_00001.safetensors")) == {}
+    with pytest.raises(TypeError, match="metadata"):
+        write_shard(tmp_path, 2, x, y, metadata={"a": 1})
 
 
 def test_write_shard_checks_its_arguments(tmp_path):
@@ -196,3 +214,37 @@ def test_weights_sha256_of_one_file_and_of_several(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="empty: holds no weights file"):
         weights_sha256(tmp_path / "empty")
+
+
+def _rank_job(rank, init_file, ranges, out):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        sampler = ShardAwareSampler(ranges, seed=7)  # world size and rank from the process group
+        sampler.set_epoch(2)
+        torch.save({"indices": list(sampler), "rank": sampler.rank, "world": sampler.num_replicas},
+                   os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_sampler_takes_rank_and_world_from_a_gloo_group(tmp_path):
+    import torch.multiprocessing as mp
+
+    ranges = [(0, 6), (6, 9), (9, 17)]
+    # fork: the children need nothing re-imported (spawn would take seconds per process)
+    ctx = mp.start_processes(_rank_job, args=(str(tmp_path / "init"), ranges, str(tmp_path)), nprocs=2, join=False,
+                             start_method="fork")
+    deadline = time.monotonic() + 60
+    while not ctx.join(timeout=1):  # raises if a rank failed
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("the 2-rank gloo job did not finish within 60 s")
+    got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert [(g["rank"], g["world"]) for g in got] == [(0, 2), (1, 2)]
+    for r, g in enumerate(got):  # the same as a sampler told its rank, at the same epoch
+        local = ShardAwareSampler(ranges, num_replicas=2, rank=r, seed=7)
+        local.set_epoch(2)
+        assert g["indices"] == list(local)
+    a, b = got[0]["indices"], got[1]["indices"]
+    assert len(a) == len(b) == 9 and set(a) | set(b) == set(range(17)) and len(set(a) & set(b)) == 1  # 1 pad

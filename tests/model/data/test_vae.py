@@ -44,10 +44,30 @@ def test_dc_autoencoder_scales_latents_and_loads_from_a_local_path(tmp_path):
         assert y.shape == x.shape
         torch.testing.assert_close(y, ae.vae.decode(z / 0.3189).sample)
         ae.vae.save_pretrained(str(tmp_path / "dcae"))
-        again = DCAutoencoder.from_pretrained(str(tmp_path / "dcae"))
+        again = DCAutoencoder.from_pretrained(str(tmp_path / "dcae"), scaling_factor=0.3189)
         torch.testing.assert_close(again.encode(x), z)
         torch.testing.assert_close(again.decode(z), y)
     with pytest.raises(ValueError, match="latents"):
         ae.decode(torch.randn(1, 3, 4, 4))
     with pytest.raises(ValueError, match="multiples"):
         ae.encode(torch.randn(1, 3, 7, 8))
+
+
+def test_dc_autoencoder_takes_the_scaling_factor_of_its_config(tmp_path):
+    pytest.importorskip("diffusers")
+    import json
+
+    from diffusers import AutoencoderDC
+
+    folder = tmp_path / "dcae"
+    AutoencoderDC(**TINY_DC, scaling_factor=0.75).save_pretrained(str(folder))
+    assert DCAutoencoder.from_pretrained(str(folder)).scaling_factor == 0.75
+    config = json.loads((folder / "config.json").read_text())
+    del config["scaling_factor"]  # the original dc-ae-f32c32-in-1.0 config has none
+    (folder / "config.json").write_text(json.dumps(config))
+    assert DCAutoencoder.from_pretrained(str(folder)).scaling_factor == DC_AE_F32C32_SCALE
+    assert DCAutoencoder.from_pretrained(str(folder), scaling_factor=2.0).scaling_factor == 2.0
+    config["scaling_factor"] = -1
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="config.json: scaling_factor"):
+        DCAutoencoder.from_pretrained(str(folder))
