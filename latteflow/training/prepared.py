@@ -170,9 +170,7 @@ class PreparedLatents:
     def __init__(self, shards, tokenizer):
         from latteflow.training.ddp import LabeledLatents
 
-        labels = torch.empty(len(shards), dtype=torch.long)
-        for a, b in shards.shard_ranges:  # one shard at a time
-            labels[a:b] = torch.tensor([shards[i][1] for i in range(a, b)], dtype=torch.long)
+        labels = shards.labels()  # the label tensors only: no latent is loaded
         self._inner = LabeledLatents(torch.empty(len(shards), 0, 0, 0), labels, shards.prompts, tokenizer)
         self._inner.rows = lambda idx: torch.stack([shards[int(i)][0] for i in idx])
         self.shards = shards
