@@ -140,3 +140,19 @@ def test_grad_checkpointing_keeps_the_loss_and_gradients(toy_prepared, toy_qwen2
     assert grads[0][1].keys() == grads[1][1].keys() and len(grads[0][1]) > 0
     for n in grads[0][1]:
         torch.testing.assert_close(grads[0][1][n], grads[1][1][n])
+
+
+def test_resume_with_a_backbone_of_other_weights_is_refused(run, toy_prepared, tmp_path, capsys):
+    import toy_backbone
+
+    data, _ = toy_prepared
+    other = toy_backbone.write_toy_qwen2vl(tmp_path / "other", seed=2)
+    assert _train(data, other, run, 4, "--resume") == 2
+    err = capsys.readouterr().err
+    assert str(other) in err and "SHA-256" in err
+
+
+def test_train_on_a_prepare_folder_needs_a_backbone(toy_prepared, tmp_path, capsys):
+    data, _ = toy_prepared
+    assert main(["train", "--data", data, "--out", str(tmp_path / "x"), "--steps", "1"]) == 2
+    assert "--backbone" in capsys.readouterr().err
