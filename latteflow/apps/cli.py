@@ -3,6 +3,9 @@
     latteflow sample [--prompt "digit 7" ...] --num 16 --out grid.png [--steps 40 --guidance 5 --seed 0]
                      [--checkpoint digits] (no --prompt: up to 10 of the checkpoint's prompt set)
     latteflow train --data digits --out DIR --steps N --seed S [--resume ...]
+    latteflow train --data PREPARED --backbone QWEN2VL --out DIR --steps N [--recipe imagenet256 ...]
+    latteflow sample --checkpoint RUN [--backbone DIR --vae DIR]  (a checkpoint trained on a prepare folder)
+    latteflow bench --checkpoint RUN [--batch N]   (s/img of a loaded checkpoint: latteflow.evaluation.checkpoint_speed)
     latteflow eval [--checkpoint digits --per-class 50 --steps 40 --guidance 5 --seed 0]
     latteflow bench ...            (benchmarks.e2e)
     latteflow prepare --images DIR --vae DIR --out DIR [--resolution 256 ...]   (latteflow.data.prepare)
@@ -235,20 +238,15 @@ def _cmd_train(a, argv: Sequence[str]) -> int:
 
     if not 0.0 <= a.ema < 1.0:
         raise ValueError(f"--ema must lie in [0, 1), got {a.ema}")
-    if a.data != "digits":
-        parent = os.path.dirname(os.path.abspath(a.out))
-        if not os.path.isdir(parent):
-            raise FileNotFoundError(f"--out: folder {parent!r} does not exist")
-        return _cmd_train_prepared(a, argv)
-    if a.backbone is not None or a.recipe is not None:
-        raise UsageError("--backbone and --recipe go with a prepare folder, not --data digits")
-    if not 0.0 <= a.ema < 1.0:
-        raise ValueError(f"--ema must lie in [0, 1), got {a.ema}")
     parent = os.path.dirname(os.path.abspath(a.out))
     if not os.path.isdir(parent):
         raise FileNotFoundError(f"--out: folder {parent!r} does not exist")
     if os.path.exists(a.out) and not os.path.isdir(a.out):
         raise ValueError(f"--out {a.out!r} exists and is not a folder")
+    if a.data != "digits":
+        return _cmd_train_prepared(a, argv)
+    if a.backbone is not None or a.recipe is not None:
+        raise UsageError("--backbone and --recipe go with a prepare folder, not --data digits")
     recipe = DigitsRecipe(variant=a.variant, num_groups=a.groups, residual_attention=not a.no_residual_attention,
                           backbone_seed=a.backbone_seed)
     command = " ".join(shlex.quote(x) for x in [PROG, *argv])
