@@ -71,14 +71,55 @@ def _rebuild_backbone(config: dict, path: str, device):
     return backbone.to(device)
 
 
-def _autoencoder(config: dict, path: str) -> PixelAutoencoder:
+def _recorded_folder(config: dict, path: str, key: str) -> dict:
+    """``metadata[key]`` = ``{"folder", "sha256"}`` of a checkpoint trained on pretrained weights."""
+    rec = (config.get("metadata") or {}).get(key)
+    if (not isinstance(rec, dict) or not isinstance(rec.get("folder"), str)
+            or not isinstance(rec.get("sha256"), str)):
+        raise ValueError(f"{os.path.join(path, CONFIG_NAME)}: metadata.{key} must be {{'folder', 'sha256'}}, "
+                         f"got {rec!r}")
+    return rec
+
+
+def _dc_autoencoder(config: dict, path: str, ae: dict, vae_dir=None):
+    """The DC-AE a prepared-data checkpoint records: from ``vae_dir`` or the recorded folder, its weights
+    checked against the SHA-256 the prepare manifest recorded."""
+    from latteflow.data.vae import DCAutoencoder
+    from latteflow.text.pretrained import check_backbone_folder
+
+    rec = _recorded_folder(config, path, "vae")
+    folder = check_backbone_folder(rec["folder"] if vae_dir is None else vae_dir, rec["sha256"], what="VAE")
+    scale = ae.get("scaling_factor")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+        raise ValueError(f"{os.path.join(path, CONFIG_NAME)}: metadata.autoencoder.scaling_factor must be a "
+                         f"positive number, got {scale!r}")
+    try:
+        autoencoder = DCAutoencoder.from_pretrained(folder, scaling_factor=float(scale))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"VAE folder {folder!r}: not a DC-AE from_pretrained can read ({_first(e)})") from None
+    if autoencoder.latent_channels != config["latteflow"].get("latent_channels"):
+        raise ValueError(f"VAE folder {folder!r}: {autoencoder.latent_channels} latent channels, the checkpoint's "
+                         f"model {config['latteflow'].get('latent_channels')!r}")
+    return autoencoder
+
+
+def _first(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _autoencoder(config: dict, path: str, vae_dir=None):
     """The latent space a checkpoint records (``metadata.autoencoder``; the pixel one by default)."""
     ae = config["metadata"].get("autoencoder", {"type": "pixel", "in_channels": 1, "patch_size": 1})
     where = f"{os.path.join(path, CONFIG_NAME)}: metadata.autoencoder"
     if not isinstance(ae, dict):
         raise ValueError(f"{where} must be an object, got {ae!r}")
+    if ae.get("type") == "dc-ae":
+        return _dc_autoencoder(config, path, ae, vae_dir)
+    if vae_dir is not None:
+        raise ValueError(f"vae: checkpoint {path!r} decodes with the pixel autoencoder, it takes no VAE folder")
     if ae.get("type") != "pixel":
-        raise ValueError(f"{where}: type {ae.get('type')!r} is not supported by load_pipeline (only 'pixel')")
+        raise ValueError(f"{where}: type {ae.get('type')!r} is not supported by load_pipeline ('pixel', 'dc-ae')")
     sizes = {k: ae.get(k, 1) for k in ("in_channels", "patch_size")}
     for k, v in sizes.items():
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -143,8 +184,8 @@ class LatteFlowPipeline:
         for i, p in enumerate(prompts):
             if not isinstance(p, str):
                 raise TypeError(f"prompts[{i}] must be a str, got {type(p).__name__}")
-        known = set(self.tokenizer.alphabet)
-        bad = sorted({c for p in prompts for c in p if c not in known})
+        alphabet = getattr(self.tokenizer, "alphabet", None)  # the char tokenizer's; a BPE one takes any text
+        bad = [] if alphabet is None else sorted({c for p in prompts for c in p if c not in set(alphabet)})
         outside = [] if self.prompts is None else list(dict.fromkeys(p for p in prompts if p not in set(self.prompts)))
         if bad:
             known_prompts = f"; this class-conditional checkpoint knows only {_some(self.prompts)}" if outside else ""
@@ -186,7 +227,7 @@ class LatteFlowPipeline:
                 ctx = model.build_context(ids, mask)
                 latents = sample(model, ctx, null_ctx, steps=steps, guidance=float(guidance),
                                  noise=noise[i:i + batch_size].to(self.device), progress=bar)
-                images.append(self.autoencoder.decode(latents.float()).clamp(-1.0, 1.0).cpu())
+                images.append(self.autoencoder.decode(latents.float()).float().clamp(-1.0, 1.0).cpu())
         return torch.cat(images)
 
     def __call__(self, prompts, steps: int = 40, guidance: float = 5.0, seed: int = 0, *,
@@ -202,10 +243,24 @@ class LatteFlowPipeline:
                 f"device={self.device})")
 
 
+def _pretrained_parts(config: dict, path: str, device, backbone_dir=None):
+    """``(backbone, tokenizer)`` of a checkpoint trained on a pretrained Qwen2-VL: from ``backbone_dir``
+    or the recorded folder, whose weights must have the recorded SHA-256."""
+    from latteflow.text.pretrained import load_pretrained_backbone
+    from latteflow.text.prompts import ChatPromptTokenizer
+
+    rec = _recorded_folder(config, path, "backbone")
+    folder = rec["folder"] if backbone_dir is None else os.fspath(backbone_dir)
+    backbone = load_pretrained_backbone(folder, sha256=rec["sha256"], device=device)
+    return backbone, ChatPromptTokenizer.from_pretrained(folder)
+
+
 def load_pipeline(checkpoint: Union[str, os.PathLike] = "digits", *, device=None,
-                  backend: Optional[str] = None) -> LatteFlowPipeline:
+                  backend: Optional[str] = None, backbone=None, vae=None) -> LatteFlowPipeline:
     """The pipeline of a shipped checkpoint name (``"digits"``) or a checkpoint directory. ``device``:
-    default CUDA when available, else CPU. ``backend``: override ``"fused"`` / ``"reference"``."""
+    default CUDA when available, else CPU. ``backend``: override ``"fused"`` / ``"reference"``.
+    ``backbone`` / ``vae``: folders replacing the ones a checkpoint trained on pretrained weights
+    records (their weights must still have the recorded SHA-256)."""
     path = resolve_checkpoint(checkpoint)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -220,7 +275,16 @@ def load_pipeline(checkpoint: Union[str, os.PathLike] = "digits", *, device=None
         problem = incomplete_reason(path)
         if problem is not None:
             raise ValueError(problem)
-    autoencoder = _autoencoder(config, path)
+    autoencoder = _autoencoder(config, path, vae)
+    prompts = _prompt_set(config, path)
+    overrides = {} if backend is None else {"backend": backend}
+    if (config.get("metadata") or {}).get("tokenizer", {}).get("type") == "pretrained":
+        bb, tokenizer = _pretrained_parts(config, path, device, backbone)
+        model = load_checkpoint(path, bb, **overrides)  # blend: its trained backbone weights load over bb's
+        return LatteFlowPipeline(model.to(device), tokenizer, autoencoder.to(device), path=path,
+                                 info=config.get("metadata") or {}, prompts=prompts)
+    if backbone is not None:
+        raise ValueError(f"backbone: checkpoint {path!r} was not trained on a pretrained backbone folder")
     tok_file = os.path.join(path, TOKENIZER_FILENAME)
     if not os.path.isfile(tok_file):
         raise FileNotFoundError(f"checkpoint {path!r} has no {TOKENIZER_FILENAME}")
@@ -230,8 +294,6 @@ def load_pipeline(checkpoint: Union[str, os.PathLike] = "digits", *, device=None
         tokenizer = CharTokenizer.load(tok_file)
     except (ValueError, TypeError, KeyError, UnicodeDecodeError) as e:
         raise ValueError(f"{tok_file}: not a tokenizer file ({e})") from None
-    prompts = _prompt_set(config, path)
-    overrides = {} if backend is None else {"backend": backend}
     if config.get("includes_backbone"):
         model = load_checkpoint(path, device=device, **overrides)
     else:

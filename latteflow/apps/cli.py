@@ -3,6 +3,9 @@
     latteflow sample [--prompt "digit 7" ...] --num 16 --out grid.png [--steps 40 --guidance 5 --seed 0]
                      [--checkpoint digits] (no --prompt: up to 10 of the checkpoint's prompt set)
     latteflow train --data digits --out DIR --steps N --seed S [--resume ...]
+    latteflow train --data PREPARED --backbone QWEN2VL --out DIR --steps N [--recipe imagenet256 ...]
+    latteflow sample --checkpoint RUN [--backbone DIR --vae DIR]  (a checkpoint trained on a prepare folder)
+    latteflow bench --checkpoint RUN [--batch N]   (s/img of a loaded checkpoint: latteflow.evaluation.checkpoint_speed)
     latteflow eval [--checkpoint digits --per-class 50 --steps 40 --guidance 5 --seed 0]
     latteflow bench ...            (latteflow.apps.bench: s/img per mode and batch)
     latteflow prepare --images DIR --vae DIR --out DIR [--resolution 256 ...]   (latteflow.data.prepare)
@@ -117,19 +120,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="PNG file to write (its folder must exist)")
     p.add_argument("--distributed", action="store_true",
                    help="sample a global index range across torchrun ranks (latteflow.sample_ddp; see its --help)")
+    p.add_argument("--backbone", default=None, help="Qwen2-VL folder replacing the one the checkpoint records")
+    p.add_argument("--vae", default=None, help="DC-AE folder replacing the one the checkpoint records")
     _add_sampling(p)
 
     p = sub.add_parser("train", help="train a model (digits) with periodic checkpoints")
-    p.add_argument("--data", required=True, choices=["digits"], help="dataset (digits: scikit-learn's 8x8 digits)")
+    p.add_argument("--data", required=True,
+                   help="'digits' (scikit-learn's 8x8 digits) or a 'latteflow prepare' folder (needs --backbone)")
+    p.add_argument("--backbone", default=None, help="Qwen2-VL folder (save_pretrained) for a prepare folder")
+    p.add_argument("--recipe", choices=["imagenet256"], default=None,
+                   help="the paper's settings (global batch 2048, constant lr 5e-4, 240K steps); printed")
+    p.add_argument("--micro-batch-size", type=positive_int, default=None,
+                   help="prepare data: latents per forward; --batch-size / this = gradient accumulation steps")
+    p.add_argument("--grad-checkpoint", action="store_true",
+                   help="prepare data: recompute the generation layers in backward (less memory)")
+    p.add_argument("--device", default=None, help="prepare data: cuda or cpu (default: cuda when available)")
     p.add_argument("--out", required=True, help="output folder: checkpoints/, losses.csv, model/ (the result)")
     p.add_argument("--steps", type=positive_int, required=True, help="optimizer steps in total")
     p.add_argument("--seed", type=nonneg_int, default=0, help="seed of init, batches, timesteps and noise")
-    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--batch-size", type=positive_int, default=32, help="global batch (default 32)")
     p.add_argument("--lr", type=positive_float, default=1e-3)
     p.add_argument("--ema", type=finite_float, default=0.999, help="EMA decay of the exported weights")
     p.add_argument("--checkpoint-every", type=nonneg_int, default=250, help="steps between checkpoints (0: none)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    p.add_argument("--variant", choices=["couple", "vanilla_couple"], default="couple")
+    p.add_argument("--variant", choices=["couple", "vanilla_couple", "blend", "vanilla_blend"], default="couple",
+                   help="digits: couple or vanilla_couple")
     p.add_argument("--groups", type=positive_int, default=4, help="expert groups K (couple)")
     p.add_argument("--no-residual-attention", action="store_true")
     p.add_argument("--backbone-seed", type=nonneg_int, default=0)
@@ -162,7 +177,7 @@ def _cmd_sample(a) -> int:
     from latteflow.pipeline import load_pipeline, sample_prompts
 
     _png_out(a.out)
-    pipe = load_pipeline(a.checkpoint, device=a.device)
+    pipe = load_pipeline(a.checkpoint, device=a.device, backbone=a.backbone, vae=a.vae)
     if a.prompt is None:
         if pipe.prompts is None:
             raise UsageError(f"--prompt is required: checkpoint {a.checkpoint!r} records no prompt set to sample from")
@@ -185,6 +200,39 @@ def _cmd_sample(a) -> int:
     return 0
 
 
+def _cmd_train_prepared(a, argv: Sequence[str]) -> int:
+    from latteflow.training.prepared import IMAGENET256, IMAGENET256_CHOSEN, train_prepared
+
+    if a.backbone is None:
+        raise UsageError(f"--data {a.data!r} is a prepare folder: --backbone DIR (a Qwen2-VL folder) is required")
+    given = set(argv)
+    kw = dict(steps=a.steps, global_batch_size=a.batch_size, lr=a.lr, ema_decay=a.ema, variant=a.variant,
+              num_groups=a.groups)
+    extra = {}
+    if a.recipe == "imagenet256":
+        flags = {"steps": "--steps", "global_batch_size": "--batch-size", "lr": "--lr", "variant": "--variant",
+                 "num_groups": "--groups"}
+        for key, value in IMAGENET256.items():
+            if flags[key] not in given:  # an explicit flag wins over the recipe
+                kw[key] = value
+        if "--ema" not in given:
+            kw["ema_decay"] = IMAGENET256_CHOSEN["ema"]
+        extra = dict(weight_decay=IMAGENET256_CHOSEN["weight_decay"], betas=IMAGENET256_CHOSEN["betas"],
+                     max_grad_norm=IMAGENET256_CHOSEN["max_grad_norm"])
+        print("recipe imagenet256 (paper): " + ", ".join(f"{k} {v}" for k, v in IMAGENET256.items())
+              + "; chosen where the paper is silent: AdamW betas (0.9, 0.999), weight decay 0, grad clip 1.0, "
+              f"EMA 0.9999, no warmup, bf16 autocast on CUDA; in effect: "
+              + ", ".join(f"{k} {v}" for k, v in kw.items()))
+    m = train_prepared(a.data, a.backbone, a.out, micro_batch_size=a.micro_batch_size,
+                       checkpoint_every=a.checkpoint_every, resume=a.resume, grad_checkpoint=a.grad_checkpoint,
+                       seed=a.seed, residual_attention=not a.no_residual_attention, device=a.device,
+                       progress=not a.no_progress, **kw, **extra)
+    loss = "none" if m["final_loss"] is None else f"{m['final_loss']:.4f}"
+    print(f"trained {m['trained_steps']} steps (now at step {m['steps']}) in {m['train_seconds']:.1f} s "
+          f"({m['device']}); final loss {loss}; model -> {m['model_dir']}")
+    return 0
+
+
 def _cmd_train(a, argv: Sequence[str]) -> int:
     from latteflow.apps.digits_recipe import DigitsRecipe, train_digits
 
@@ -195,6 +243,10 @@ def _cmd_train(a, argv: Sequence[str]) -> int:
         raise FileNotFoundError(f"--out: folder {parent!r} does not exist")
     if os.path.exists(a.out) and not os.path.isdir(a.out):
         raise ValueError(f"--out {a.out!r} exists and is not a folder")
+    if a.data != "digits":
+        return _cmd_train_prepared(a, argv)
+    if a.backbone is not None or a.recipe is not None:
+        raise UsageError("--backbone and --recipe go with a prepare folder, not --data digits")
     recipe = DigitsRecipe(variant=a.variant, num_groups=a.groups, residual_attention=not a.no_residual_attention,
                           backbone_seed=a.backbone_seed)
     command = " ".join(shlex.quote(x) for x in [PROG, *argv])
@@ -256,6 +308,30 @@ def _cmd_bench(a) -> int:
     return 0
 
 
+def _cmd_bench_checkpoint(argv: Sequence[str]) -> int:
+    """``latteflow bench --checkpoint RUN [--batch N]``: s/img of a loaded checkpoint (prefill included,
+    decode apart; ``latteflow.evaluation.checkpoint_speed``)."""
+    from latteflow.pipeline import load_pipeline
+    from latteflow.evaluation.checkpoint_speed import time_pipeline
+
+    p = _Parser(prog=f"{BENCH_PROG} --checkpoint", description=_cmd_bench_checkpoint.__doc__)
+    p.add_argument("--checkpoint", required=True, help="shipped name or checkpoint directory")
+    p.add_argument("--batch", type=positive_int, default=50, help="images per call (default 50, the paper's)")
+    p.add_argument("--steps", type=positive_int, default=40)
+    p.add_argument("--guidance", type=finite_float, default=5.0)
+    p.add_argument("--repeats", type=positive_int, default=3, help="timed calls after one warm-up (median)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--backbone", default=None, help="Qwen2-VL folder replacing the recorded one")
+    p.add_argument("--vae", default=None, help="DC-AE folder replacing the recorded one")
+    a = p.parse_args(list(argv))
+    pipe = load_pipeline(a.checkpoint, device=a.device, backbone=a.backbone, vae=a.vae)
+    r = time_pipeline(pipe, batch=a.batch, steps=a.steps, guidance=a.guidance, repeats=a.repeats)
+    print(f"{a.checkpoint}: {r['s_per_img']:.4f} s/img at batch {a.batch} (steps {a.steps}, guidance {a.guidance:g}, "
+          f"prompt prefill included), decode {r['decode_s_per_img']:.4f} s/img apart; median of {a.repeats} on "
+          f"{_device_words(pipe.device)}")
+    return 0
+
+
 # ``<command> <flag>`` hands every other argument to that module's own command line
 DELEGATED = {("sample", "--distributed"): "latteflow.evaluation.sample_ddp", ("train", "--distributed"): "latteflow.training.ddp",
              ("eval", "--fid"): "latteflow.evaluation.fid"}
@@ -297,6 +373,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         if argv in ([], ["-h"], ["--help"]) or (argv and argv[0] == "help"):
             parser.print_help()
             return 0 if argv else EXIT_USAGE
+        if argv[0] == "bench" and any(x == "--checkpoint" or x.startswith("--checkpoint=") for x in argv[1:]):
+            return _cmd_bench_checkpoint(argv[1:])
         if argv[0] == "bench":  # everything after it belongs to latteflow.apps.bench, flags included
             return _cmd_bench(argparse.Namespace(args=argv[1:]))
         delegated = _delegated(argv)

@@ -234,7 +234,8 @@ def load_for_sampling(checkpoint: str, device: torch.device, backend: Optional[s
         if not os.path.isdir(checkpoint):
             raise FileNotFoundError(f"checkpoint {checkpoint!r} is neither 'digits' nor a directory")
         config = read_config(checkpoint)
-        if config.get("includes_backbone"):
+        pretrained = ((config.get("metadata") or {}).get("tokenizer") or {}).get("type") == "pretrained"
+        if config.get("includes_backbone") and not pretrained:  # pretrained: backbone folder, tokenizer, VAE
             return load_checkpoint(checkpoint, device=device, **overrides), _tokenizer_for(checkpoint, config), None
         model, tok, decode = _from_pipeline(checkpoint, device)
     if backend is not None and model.cfg.backend != backend:

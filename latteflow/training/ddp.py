@@ -87,8 +87,12 @@ class LabeledLatents:
     def __len__(self) -> int:
         return self.latents.shape[0]
 
+    def rows(self, indices: Tensor) -> Tensor:
+        """The latents of ``indices`` (a dataset that reads them lazily overrides this)."""
+        return self.latents[indices]
+
     def batch(self, model, indices: Tensor):
-        x = self.latents[indices].to(model.device)
+        x = self.rows(indices).to(model.device)
         labels = self.labels[indices].tolist()
         if model.cfg.is_blend:
             ids, mask = self.tokenizer.encode([self.prompts[i] for i in labels], device=model.device)
@@ -201,14 +205,18 @@ def train_distributed(model, data: LabeledLatents, *, steps: int, global_batch_s
                       amp: Optional[bool] = None, seed: int = 0, data_seed: int = 0, fsdp: bool = False,
                       checkpoint_dir: Optional[str] = None, checkpoint_every: int = 0, keep_checkpoints: int = 2,
                       resume=True, include_backbone: bool = True, metadata: Optional[Dict] = None,
-                      env: Optional[DistEnv] = None, callback=None) -> TrainRun:
+                      env: Optional[DistEnv] = None, callback=None,
+                      micro_batch_size: Optional[int] = None) -> TrainRun:
     """Trains ``model`` (a ``LatteFlowModel`` on ``env.device``, identical on every rank) to ``steps``
     optimizer steps with AdamW on global batches of ``global_batch_size`` (see the module docstring).
 
     ``resume``: True continues from ``checkpoint_dir``'s latest checkpoint, a path from that checkpoint,
     False starts over. Checkpoints every ``checkpoint_every`` steps and at the end (rank 0 writes;
     ``include_backbone`` stores a couple model's frozen backbone too, so the directory alone rebuilds
-    the model). ``callback(step, loss)`` runs on every rank after every step (loss: the global mean)."""
+    the model). ``callback(step, loss)`` runs on every rank after every step (loss: the global mean).
+    ``micro_batch_size``: latents per forward on each rank (default: the rank's whole share); gradients
+    accumulate over the micro-batches and DDP reduces once per step. Each sample keeps its generator, so
+    the result does not depend on it beyond float rounding."""
     env = init_distributed() if env is None else env
     for name, v, lo in (("steps", steps, 0), ("checkpoint_every", checkpoint_every, 0), ("seed", seed, 0),
                         ("data_seed", data_seed, 0)):
@@ -221,6 +229,10 @@ def train_distributed(model, data: LabeledLatents, *, steps: int, global_batch_s
     if fsdp and not fsdp_available():
         raise ValueError("fsdp=True needs torch.distributed.fsdp.fully_shard (FSDP2), missing from this torch")
     local = rank_slice(global_batch_size, env.rank, env.world_size)
+    if micro_batch_size is not None and (isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int)
+                                         or micro_batch_size < 1):
+        raise ValueError(f"micro_batch_size must be a positive int or None, got {micro_batch_size!r}")
+    micro = local.stop - local.start if micro_batch_size is None else micro_batch_size
     if len(data) < 1:
         raise ValueError("data must hold at least one sample")
 
@@ -277,13 +289,21 @@ def train_distributed(model, data: LabeledLatents, *, steps: int, global_batch_s
     try:
         for step in range(start, steps):
             idx = global_batch_indices(step, len(data), global_batch_size, data_seed)[local]
-            x, ctx, null = data.batch(model, idx)
             gens = [torch.Generator(device=device).manual_seed(derive_seed(seed, step, j))
                     for j in range(local.start, local.stop)]
-            with autocast:
-                loss = step_module(x, ctx, null, gens)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            starts = range(0, len(idx), micro)
+            loss = 0.0
+            for c, a in enumerate(starts):  # micro-batches: gradients accumulate, DDP reduces after the last
+                part = slice(a, a + micro)
+                x, ctx, null = data.batch(model, idx[part])
+                weight = len(idx[part]) / len(idx)  # the loss is a mean over samples
+                last = c == len(starts) - 1
+                with (nullcontext() if last or not hasattr(step_module, "no_sync") else step_module.no_sync()):
+                    with autocast:
+                        part_loss = step_module(x, ctx, null, gens[part])
+                    (part_loss * weight if weight != 1.0 else part_loss).backward()
+                loss = loss + part_loss.detach() * weight
             if max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
             optimizer.step()
@@ -357,7 +377,11 @@ def build_parser(prog: str = "latteflow train --distributed") -> argparse.Argume
                                        "(DDP, or FSDP2 for blend); checkpoints resume on any world size.")
     p.add_argument("--out", required=True, help="checkpoint directory (step_* subdirectories and 'latest')")
     p.add_argument("--steps", type=int, required=True, help="total optimizer steps")
-    p.add_argument("--data", choices=("digits",), default="digits")
+    p.add_argument("--data", default="digits", help="'digits' or a 'latteflow prepare' folder (needs --backbone)")
+    p.add_argument("--backbone", default=None, help="Qwen2-VL folder (save_pretrained) for a prepare folder")
+    p.add_argument("--grad-checkpoint", action="store_true", help="recompute the generation layers in backward")
+    p.add_argument("--micro-batch-size", type=int, default=None,
+                   help="latents per forward on each rank (default: its whole share of the global batch)")
     p.add_argument("--global-batch-size", type=int, default=64, help="summed over ranks")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=0.0)
@@ -389,11 +413,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _train_main(args, env: DistEnv) -> str:
-    from latteflow.data.digits import DIGIT_PROMPTS, load_digits_split
+    if args.data == "digits":
+        from latteflow.data.digits import DIGIT_PROMPTS, load_digits_split
 
-    model, tok = build_digits_model(args, env.device)
-    split = load_digits_split(0)
-    data = LabeledLatents(split.train_images, split.train_labels, DIGIT_PROMPTS, tok)
+        if args.backbone is not None:
+            raise ValueError("--backbone goes with a prepare folder, not --data digits")
+        model, tok = build_digits_model(args, env.device)
+        split = load_digits_split(0)
+        data = LabeledLatents(split.train_images, split.train_labels, DIGIT_PROMPTS, tok)
+        metadata, include_backbone = {"tokenizer": tok.to_dict(), "backbone_seed": args.backbone_seed}, True
+    else:
+        from latteflow.training.prepared import prepared_for_ddp
+
+        model, data, metadata = prepared_for_ddp(args.data, args.backbone, env.device, variant=args.variant,
+                                                 num_groups=args.num_groups, backend=args.backend,
+                                                 init_seed=args.init_seed, grad_checkpoint=args.grad_checkpoint)
+        include_backbone = model.cfg.is_blend  # couple: the trainable parameters, the backbone by SHA-256
     amp = None if args.amp == "auto" else args.amp == "on"
 
     def report(step, loss):
@@ -405,7 +440,8 @@ def _train_main(args, env: DistEnv) -> str:
         weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm or None, amp=amp, seed=args.seed,
         data_seed=args.data_seed, fsdp=args.fsdp, checkpoint_dir=args.out,
         checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep, resume=not args.no_resume,
-        metadata={"tokenizer": tok.to_dict(), "backbone_seed": args.backbone_seed}, env=env, callback=report)
+        include_backbone=include_backbone, metadata=metadata, env=env, callback=report,
+        micro_batch_size=args.micro_batch_size)
     loss = f"final loss {run.losses[-1]:.4f}" if run.losses else "nothing to train"
     return f"trained to step {run.step} on {run.world_size} rank(s): {loss}; checkpoint {run.checkpoint}"
 

@@ -257,6 +257,7 @@ def train(
     progress: bool = True,
     callback: Optional[Callable[[int, float], None]] = None,
     ema: Optional[EMA] = None,
+    accumulation: int = 1,
 ) -> TrainResult:
     """Trains ``model`` (a ``LatteFlowModel``) until ``steps`` optimizer steps in total.
 
@@ -266,7 +267,11 @@ def train(
     starts over. ``seed`` seeds the loss's own generator (timesteps, noise, CFG dropout) when
     starting fresh. ``callback(step, loss)`` runs after every step. ``ema``: updated after every
     optimizer step, saved with every checkpoint and restored on resume. ``progress``: a tqdm bar,
-    shown when stderr is a terminal (tqdm decides)."""
+    shown when stderr is a terminal (tqdm decides). ``accumulation``: micro-batches per optimizer step
+    (gradients summed over them, each loss divided by ``accumulation``; the loss reported is their
+    mean); a callable ``data`` is then called with the micro-batch index ``step * accumulation + i``."""
+    if isinstance(accumulation, bool) or not isinstance(accumulation, int) or accumulation < 1:
+        raise ValueError(f"accumulation must be a positive int, got {accumulation!r}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be a non-negative int, got {steps!r}")
     if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 0:
@@ -313,22 +318,25 @@ def train(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=steps, initial=start, desc="train", dynamic_ncols=True, disable=None)
-    batches = _batches(data, start)
+    batches = _batches(data, start * accumulation)
     try:
         for step in range(start, steps):
-            batch = next(batches)
-            if not isinstance(batch, (tuple, list)) or len(batch) not in (2, 3):
-                raise TypeError("a batch must be (x_data, ctx) or (x_data, ctx, null_ctx)")
-            x_data, ctx, null_ctx = (*batch, None) if len(batch) == 2 else batch
-            with autocast:
-                c, n = _as_context(model, ctx, device), _as_context(model, null_ctx, device)
-                loss = model.training_loss(x_data.to(device), c, n, generator=loss_gen)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            total = 0.0
+            for _ in range(accumulation):
+                batch = next(batches)
+                if not isinstance(batch, (tuple, list)) or len(batch) not in (2, 3):
+                    raise TypeError("a batch must be (x_data, ctx) or (x_data, ctx, null_ctx)")
+                x_data, ctx, null_ctx = (*batch, None) if len(batch) == 2 else batch
+                with autocast:
+                    c, n = _as_context(model, ctx, device), _as_context(model, null_ctx, device)
+                    loss = model.training_loss(x_data.to(device), c, n, generator=loss_gen)
+                (loss / accumulation if accumulation > 1 else loss).backward()
+                total += float(loss.detach())
             if max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
             optimizer.step()
-            value = float(loss.detach())
+            value = total / accumulation
             if ema is not None:
                 ema.update(model)
             result.losses.append(value)

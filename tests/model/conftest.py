@@ -28,3 +28,22 @@ def tiny():
     import model_helpers
 
     return model_helpers
+
+
+@pytest.fixture(scope="session")
+def toy_qwen2vl_folder(tmp_path_factory):
+    """A Qwen2-VL folder as a user has one: ``save_pretrained`` weights (random, tiny) and a byte-level
+    BPE tokenizer with Qwen's special tokens, no BOS and a chat template (``toy_backbone``)."""
+    import toy_backbone
+
+    return toy_backbone.write_toy_qwen2vl(tmp_path_factory.mktemp("toy_qwen2vl"))
+
+
+@pytest.fixture(scope="session")
+def toy_prepared(tmp_path_factory):
+    """``(prepare folder, DC-AE folder)``: a toy DC-AE (``save_pretrained``) and latents of 3 classes in two
+    shards with their manifest, written with ``latteflow.data.shards`` (``toy_backbone``)."""
+    import toy_backbone
+
+    vae = toy_backbone.write_toy_dcae(tmp_path_factory.mktemp("toy_dcae"))
+    return toy_backbone.write_toy_prepared(tmp_path_factory.mktemp("toy_prepared"), vae), vae

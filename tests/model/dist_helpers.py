@@ -86,13 +86,14 @@ def job(rank, world_size, out_dir):
         shutdown_distributed(env)
 
 
-def run_two_ranks(out_dir):
+def run_two_ranks(out_dir, fn=None, extra_args=()):
+    """Runs ``fn(rank, 2, out_dir, *extra_args)`` (default: ``job``) on 2 gloo ranks."""
     import torch.multiprocessing as mp
 
     saved = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT")}
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     try:
-        ctx = mp.start_processes(job, args=(2, out_dir), nprocs=2, join=False, start_method="spawn")
+        ctx = mp.start_processes(fn or job, args=(2, out_dir, *extra_args), nprocs=2, join=False, start_method="spawn")
     finally:
         for k, v in saved.items():
             if v is None:
