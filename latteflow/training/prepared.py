@@ -140,7 +140,7 @@ class ShardBatches:
             null_ids, null_mask = self.tokenizer.encode([""])
             return x, {"input_ids": ids, "attention_mask": mask}, {"input_ids": null_ids, "attention_mask": null_mask}
         if self._contexts is None:
-            from latteflow.evaluation.sample_ddp import PromptContexts
+            from latteflow.core.context import PromptContexts
 
             self._contexts = PromptContexts(self.model, self.tokenizer, prompts)
         return x, self._contexts.rows(labels), self._contexts.null
