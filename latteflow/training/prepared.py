@@ -11,7 +11,8 @@ DIR --backbone DIR``.
 - Batches: micro-batch ``k`` is positions ``[k b, (k+1) b)`` of an endless stream of epochs, each epoch the
   order of a ``ShardAwareSampler`` seeded by ``data_seed`` (shards a window at a time, so the shard cache
   is hit): a function of ``k`` alone, so a resumed run sees the batches an uninterrupted one sees.
-- Output folder: ``checkpoints/`` (``step_<k>`` + ``ema/``), ``run.json`` (settings a resume must keep,
+- Output folder: ``checkpoints/`` (``step_<k>`` + ``ema/``; each step records the metadata ``model/`` does,
+  so ``load_pipeline`` opens it with its raw, non-EMA weights), ``run.json`` (settings a resume must keep,
   the backbone's digest among them) and ``model/``: the EMA weights as a checkpoint whose metadata records
   the backbone folder + SHA-256, the VAE folder + SHA-256 from the manifest, the latent space, the
   resolution and the classes. A Couple model stores its trainable parameters only; blend stores all.
@@ -244,6 +245,7 @@ def train_prepared(data_dir: str, backbone_dir: str, out_dir: str, *, steps: int
         raise ValueError(f"{ckpt_dir} already holds checkpoints: pass --resume to continue, or choose another --out")
     ema = EMA(model, ema_decay)
     batches = ShardBatches(data, model, tokenizer, micro, data_seed=seed)
+    metadata = model_metadata(data.manifest, record)
     trainable = sum(p.numel() for p in model.trainable_parameters())
     log(f"training {variant} ({num_groups} groups, {trainable / 1e6:.2f} M trainable parameters) on {len(data)} "
         f"latents of {len(data.classes)} classes; global batch {global_batch_size} = "
@@ -252,11 +254,11 @@ def train_prepared(data_dir: str, backbone_dir: str, out_dir: str, *, steps: int
     result = train(model, batches, steps=steps, lr=lr, weight_decay=weight_decay, betas=betas,
                    max_grad_norm=max_grad_norm, checkpoint_dir=ckpt_dir, checkpoint_every=checkpoint_every or steps,
                    resume=bool(resume), seed=seed, progress=progress, ema=ema,
-                   accumulation=global_batch_size // micro)
+                   accumulation=global_batch_size // micro, metadata=metadata)
     seconds = time.perf_counter() - t0
     ema.copy_to(model)
     model_dir = save_checkpoint(model, os.path.join(out_dir, MODEL_DIR),
-                                metadata=dict(model_metadata(data.manifest, record), steps=result.step))
+                                metadata=dict(metadata, steps=result.step))
     return {"steps": result.step, "trained_steps": len(result.losses),
             "final_loss": result.losses[-1] if result.losses else None, "train_seconds": seconds,
             "model_dir": model_dir, "device": str(device)}
