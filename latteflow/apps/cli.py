@@ -201,32 +201,22 @@ def _cmd_sample(a) -> int:
 
 
 def _cmd_train_prepared(a, argv: Sequence[str]) -> int:
-    from latteflow.training.prepared import IMAGENET256, IMAGENET256_CHOSEN, train_prepared
+    from latteflow.training.prepared import apply_recipe, train_prepared
 
     if a.backbone is None:
         raise UsageError(f"--data {a.data!r} is a prepare folder: --backbone DIR (a Qwen2-VL folder) is required")
-    given = set(argv)
     kw = dict(steps=a.steps, global_batch_size=a.batch_size, lr=a.lr, ema_decay=a.ema, variant=a.variant,
               num_groups=a.groups)
-    extra = {}
-    if a.recipe == "imagenet256":
-        flags = {"steps": "--steps", "global_batch_size": "--batch-size", "lr": "--lr", "variant": "--variant",
-                 "num_groups": "--groups"}
-        for key, value in IMAGENET256.items():
-            if flags[key] not in given:  # an explicit flag wins over the recipe
-                kw[key] = value
-        if "--ema" not in given:
-            kw["ema_decay"] = IMAGENET256_CHOSEN["ema"]
-        extra = dict(weight_decay=IMAGENET256_CHOSEN["weight_decay"], betas=IMAGENET256_CHOSEN["betas"],
-                     max_grad_norm=IMAGENET256_CHOSEN["max_grad_norm"])
-        print("recipe imagenet256 (paper): " + ", ".join(f"{k} {v}" for k, v in IMAGENET256.items())
-              + "; chosen where the paper is silent: AdamW betas (0.9, 0.999), weight decay 0, grad clip 1.0, "
-              f"EMA 0.9999, no warmup, bf16 autocast on CUDA; in effect: "
-              + ", ".join(f"{k} {v}" for k, v in kw.items()))
+    if a.recipe is not None:
+        flags = {"--steps": "steps", "--batch-size": "global_batch_size", "--lr": "lr", "--variant": "variant",
+                 "--groups": "num_groups", "--ema": "ema_decay"}
+        given = {x.split("=", 1)[0] for x in argv}
+        kw, line = apply_recipe(a.recipe, kw, {k for f, k in flags.items() if f in given})
+        print(line)
     m = train_prepared(a.data, a.backbone, a.out, micro_batch_size=a.micro_batch_size,
                        checkpoint_every=a.checkpoint_every, resume=a.resume, grad_checkpoint=a.grad_checkpoint,
                        seed=a.seed, residual_attention=not a.no_residual_attention, device=a.device,
-                       progress=not a.no_progress, **kw, **extra)
+                       progress=not a.no_progress, **kw)
     loss = "none" if m["final_loss"] is None else f"{m['final_loss']:.4f}"
     print(f"trained {m['trained_steps']} steps (now at step {m['steps']}) in {m['train_seconds']:.1f} s "
           f"({m['device']}); final loss {loss}; model -> {m['model_dir']}")

@@ -30,16 +30,39 @@ from latteflow.core.checkpoint import atomic_write_bytes, save_checkpoint
 from latteflow.core.config import LatteFlowConfig
 from latteflow.core.model import LatteFlowModel
 
-__all__ = ["IMAGENET256", "IMAGENET256_CHOSEN", "PreparedLatents", "ShardBatches", "prepared_for_ddp", "build_prepared_model", "enable_grad_checkpointing",
+__all__ = ["IMAGENET256", "IMAGENET256_CHOSEN", "RECIPES", "PreparedLatents", "apply_recipe", "ShardBatches", "prepared_for_ddp", "build_prepared_model", "enable_grad_checkpointing",
            "model_metadata", "train_prepared"]
 
 # The paper's ImageNet 256x256 settings (section 4, "training and evaluation details").
 IMAGENET256 = dict(global_batch_size=2048, lr=5e-4, steps=240_000, variant="couple", num_groups=4)
 # What the paper leaves open, and what --recipe imagenet256 chooses.
 IMAGENET256_CHOSEN = dict(weight_decay=0.0, betas=(0.9, 0.999), max_grad_norm=1.0, ema=0.9999, warmup_steps=0)
+RECIPES = {"imagenet256": (IMAGENET256, IMAGENET256_CHOSEN)}
 MODEL_DIR = "model"
 CHECKPOINT_DIR = "checkpoints"
 RUN_NAME = "run.json"
+
+
+def apply_recipe(name: str, settings: Dict[str, Any], explicit=()):
+    """``(settings, line)`` for ``--recipe name``, used by both trainers: ``settings`` (keys steps,
+    global_batch_size, lr, variant, num_groups, ema_decay, weight_decay, betas, max_grad_norm) with the
+    recipe's value wherever the key is not in ``explicit`` (what the command line gave: an explicit flag
+    wins); ``line`` says what the recipe holds and what is in effect."""
+    if name not in RECIPES:
+        raise ValueError(f"recipe must be one of {sorted(RECIPES)}, got {name!r}")
+    paper, chosen = RECIPES[name]
+    values = dict(paper, ema_decay=chosen["ema"], weight_decay=chosen["weight_decay"], betas=chosen["betas"],
+                  max_grad_norm=chosen["max_grad_norm"])
+    out = dict(settings)
+    for key, value in values.items():
+        if key not in explicit:
+            out[key] = value
+    line = (f"recipe {name} (paper): " + ", ".join(f"{k} {v}" for k, v in paper.items())
+            + f"; chosen where the paper is silent: AdamW betas {chosen['betas']}, weight decay "
+            f"{chosen['weight_decay']:g}, grad clip {chosen['max_grad_norm']}, EMA {chosen['ema']}, "
+            f"{'no' if not chosen['warmup_steps'] else chosen['warmup_steps']} warmup, bf16 autocast on CUDA; "
+            "in effect: " + ", ".join(f"{k} {out[k]}" for k in values if k in out))
+    return out, line
 
 
 def model_config(manifest: Dict[str, Any], *, variant: str = "couple", num_groups: int = 4,
