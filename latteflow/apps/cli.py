@@ -298,30 +298,6 @@ def _cmd_bench(a) -> int:
     return 0
 
 
-def _cmd_bench_checkpoint(argv: Sequence[str]) -> int:
-    """``latteflow bench --checkpoint RUN [--batch N]``: s/img of a loaded checkpoint (prefill included,
-    decode apart; ``latteflow.evaluation.checkpoint_speed``)."""
-    from latteflow.pipeline import load_pipeline
-    from latteflow.evaluation.checkpoint_speed import time_pipeline
-
-    p = _Parser(prog=f"{BENCH_PROG} --checkpoint", description=_cmd_bench_checkpoint.__doc__)
-    p.add_argument("--checkpoint", required=True, help="shipped name or checkpoint directory")
-    p.add_argument("--batch", type=positive_int, default=50, help="images per call (default 50, the paper's)")
-    p.add_argument("--steps", type=positive_int, default=40)
-    p.add_argument("--guidance", type=finite_float, default=5.0)
-    p.add_argument("--repeats", type=positive_int, default=3, help="timed calls after one warm-up (median)")
-    p.add_argument("--device", default=None)
-    p.add_argument("--backbone", default=None, help="Qwen2-VL folder replacing the recorded one")
-    p.add_argument("--vae", default=None, help="DC-AE folder replacing the recorded one")
-    a = p.parse_args(list(argv))
-    pipe = load_pipeline(a.checkpoint, device=a.device, backbone=a.backbone, vae=a.vae)
-    r = time_pipeline(pipe, batch=a.batch, steps=a.steps, guidance=a.guidance, repeats=a.repeats)
-    print(f"{a.checkpoint}: {r['s_per_img']:.4f} s/img at batch {a.batch} (steps {a.steps}, guidance {a.guidance:g}, "
-          f"prompt prefill included), decode {r['decode_s_per_img']:.4f} s/img apart; median of {a.repeats} on "
-          f"{_device_words(pipe.device)}")
-    return 0
-
-
 # ``<command> <flag>`` hands every other argument to that module's own command line
 DELEGATED = {("sample", "--distributed"): "latteflow.evaluation.sample_ddp", ("train", "--distributed"): "latteflow.training.ddp",
              ("eval", "--fid"): "latteflow.evaluation.fid"}
@@ -364,7 +340,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             parser.print_help()
             return 0 if argv else EXIT_USAGE
         if argv[0] == "bench" and any(x == "--checkpoint" or x.startswith("--checkpoint=") for x in argv[1:]):
-            return _cmd_bench_checkpoint(argv[1:])
+            from latteflow.apps import bench
+
+            return bench.checkpoint_main(argv[1:], prog=f"{BENCH_PROG} --checkpoint", parser_class=_Parser)
         if argv[0] == "bench":  # everything after it belongs to latteflow.apps.bench, flags included
             return _cmd_bench(argparse.Namespace(args=argv[1:]))
         delegated = _delegated(argv)
