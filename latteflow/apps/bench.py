@@ -3,6 +3,7 @@
     latteflow bench                   # CUDA: the paper configuration, batch 1 and 50, every mode
     latteflow bench --small           # the small configuration (what a CPU-only machine always runs)
     latteflow bench --batch 50 --modes vanilla_couple-eager-reference latte-graphs-fused --out speed.csv
+    latteflow bench --checkpoint RUN [--batch 50]   # s/img of a loaded checkpoint (``checkpoint_main``)
 
 Per mode and batch it prints s/img (p50, with p20/p80), the speedup over the vanilla baseline when that
 ran, the compile time apart, and the DC-AE decode apart (``latteflow.evaluation.speed`` says what one
@@ -24,7 +25,7 @@ import torch
 from latteflow.apps.argtypes import finite_float, positive_int
 from latteflow.evaluation import speed
 
-__all__ = ["CSV_COLUMNS", "add_arguments", "build_parser", "main"]
+__all__ = ["CSV_COLUMNS", "add_arguments", "build_checkpoint_parser", "build_parser", "checkpoint_main", "main"]
 
 CSV_COLUMNS = ["mode", "batch", "steps", "guidance", "s_per_img_p50", "s_per_img_p20", "s_per_img_p80", "compile_s",
                "device", "torch", "date"]
@@ -132,3 +133,38 @@ def main(argv: Optional[Sequence[str]] = None, parser: Optional[argparse.Argumen
     if profile_path is not None:
         print(f"profile tables -> {profile_path}")
     return results
+
+
+CHECKPOINT_DESCRIPTION = ("latteflow bench --checkpoint RUN [--batch N]: s/img of a loaded checkpoint (prefill "
+                          "included, decode apart; latteflow.evaluation.checkpoint_speed).")
+
+
+def build_checkpoint_parser(prog: str = "latteflow bench --checkpoint",
+                            parser_class: type = argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p = parser_class(prog=prog, description=CHECKPOINT_DESCRIPTION)
+    p.add_argument("--checkpoint", required=True, help="shipped name or checkpoint directory")
+    p.add_argument("--batch", type=positive_int, default=50, help="images per call (default 50, the paper's)")
+    p.add_argument("--steps", type=positive_int, default=40)
+    p.add_argument("--guidance", type=finite_float, default=5.0)
+    p.add_argument("--repeats", type=positive_int, default=3, help="timed calls after one warm-up (median)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--backbone", default=None, help="Qwen2-VL folder replacing the recorded one")
+    p.add_argument("--vae", default=None, help="DC-AE folder replacing the recorded one")
+    return p
+
+
+def checkpoint_main(argv: Optional[Sequence[str]] = None, *, prog: str = "latteflow bench --checkpoint",
+                    parser_class: type = argparse.ArgumentParser) -> int:
+    """``latteflow bench --checkpoint RUN``: loads the checkpoint (``latteflow.pipeline.load_pipeline``),
+    times it (``latteflow.evaluation.checkpoint_speed.time_pipeline``) and prints one line; returns 0."""
+    from latteflow.apps.digits_recipe import device_description
+    from latteflow.evaluation.checkpoint_speed import time_pipeline
+    from latteflow.pipeline import load_pipeline
+
+    a = build_checkpoint_parser(prog, parser_class).parse_args(None if argv is None else list(argv))
+    pipe = load_pipeline(a.checkpoint, device=a.device, backbone=a.backbone, vae=a.vae)
+    r = time_pipeline(pipe, batch=a.batch, steps=a.steps, guidance=a.guidance, repeats=a.repeats)
+    print(f"{a.checkpoint}: {r['s_per_img']:.4f} s/img at batch {a.batch} (steps {a.steps}, guidance {a.guidance:g}, "
+          f"prompt prefill included), decode {r['decode_s_per_img']:.4f} s/img apart; median of {a.repeats} on "
+          f"{device_description(pipe.device)}")
+    return 0

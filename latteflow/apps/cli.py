@@ -201,32 +201,22 @@ def _cmd_sample(a) -> int:
 
 
 def _cmd_train_prepared(a, argv: Sequence[str]) -> int:
-    from latteflow.training.prepared import IMAGENET256, IMAGENET256_CHOSEN, train_prepared
+    from latteflow.training.prepared import apply_recipe, train_prepared
 
     if a.backbone is None:
         raise UsageError(f"--data {a.data!r} is a prepare folder: --backbone DIR (a Qwen2-VL folder) is required")
-    given = set(argv)
     kw = dict(steps=a.steps, global_batch_size=a.batch_size, lr=a.lr, ema_decay=a.ema, variant=a.variant,
               num_groups=a.groups)
-    extra = {}
-    if a.recipe == "imagenet256":
-        flags = {"steps": "--steps", "global_batch_size": "--batch-size", "lr": "--lr", "variant": "--variant",
-                 "num_groups": "--groups"}
-        for key, value in IMAGENET256.items():
-            if flags[key] not in given:  # an explicit flag wins over the recipe
-                kw[key] = value
-        if "--ema" not in given:
-            kw["ema_decay"] = IMAGENET256_CHOSEN["ema"]
-        extra = dict(weight_decay=IMAGENET256_CHOSEN["weight_decay"], betas=IMAGENET256_CHOSEN["betas"],
-                     max_grad_norm=IMAGENET256_CHOSEN["max_grad_norm"])
-        print("recipe imagenet256 (paper): " + ", ".join(f"{k} {v}" for k, v in IMAGENET256.items())
-              + "; chosen where the paper is silent: AdamW betas (0.9, 0.999), weight decay 0, grad clip 1.0, "
-              f"EMA 0.9999, no warmup, bf16 autocast on CUDA; in effect: "
-              + ", ".join(f"{k} {v}" for k, v in kw.items()))
+    if a.recipe is not None:
+        flags = {"--steps": "steps", "--batch-size": "global_batch_size", "--lr": "lr", "--variant": "variant",
+                 "--groups": "num_groups", "--ema": "ema_decay"}
+        given = {x.split("=", 1)[0] for x in argv}
+        kw, line = apply_recipe(a.recipe, kw, {k for f, k in flags.items() if f in given})
+        print(line)
     m = train_prepared(a.data, a.backbone, a.out, micro_batch_size=a.micro_batch_size,
                        checkpoint_every=a.checkpoint_every, resume=a.resume, grad_checkpoint=a.grad_checkpoint,
                        seed=a.seed, residual_attention=not a.no_residual_attention, device=a.device,
-                       progress=not a.no_progress, **kw, **extra)
+                       progress=not a.no_progress, **kw)
     loss = "none" if m["final_loss"] is None else f"{m['final_loss']:.4f}"
     print(f"trained {m['trained_steps']} steps (now at step {m['steps']}) in {m['train_seconds']:.1f} s "
           f"({m['device']}); final loss {loss}; model -> {m['model_dir']}")
@@ -308,30 +298,6 @@ def _cmd_bench(a) -> int:
     return 0
 
 
-def _cmd_bench_checkpoint(argv: Sequence[str]) -> int:
-    """``latteflow bench --checkpoint RUN [--batch N]``: s/img of a loaded checkpoint (prefill included,
-    decode apart; ``latteflow.evaluation.checkpoint_speed``)."""
-    from latteflow.pipeline import load_pipeline
-    from latteflow.evaluation.checkpoint_speed import time_pipeline
-
-    p = _Parser(prog=f"{BENCH_PROG} --checkpoint", description=_cmd_bench_checkpoint.__doc__)
-    p.add_argument("--checkpoint", required=True, help="shipped name or checkpoint directory")
-    p.add_argument("--batch", type=positive_int, default=50, help="images per call (default 50, the paper's)")
-    p.add_argument("--steps", type=positive_int, default=40)
-    p.add_argument("--guidance", type=finite_float, default=5.0)
-    p.add_argument("--repeats", type=positive_int, default=3, help="timed calls after one warm-up (median)")
-    p.add_argument("--device", default=None)
-    p.add_argument("--backbone", default=None, help="Qwen2-VL folder replacing the recorded one")
-    p.add_argument("--vae", default=None, help="DC-AE folder replacing the recorded one")
-    a = p.parse_args(list(argv))
-    pipe = load_pipeline(a.checkpoint, device=a.device, backbone=a.backbone, vae=a.vae)
-    r = time_pipeline(pipe, batch=a.batch, steps=a.steps, guidance=a.guidance, repeats=a.repeats)
-    print(f"{a.checkpoint}: {r['s_per_img']:.4f} s/img at batch {a.batch} (steps {a.steps}, guidance {a.guidance:g}, "
-          f"prompt prefill included), decode {r['decode_s_per_img']:.4f} s/img apart; median of {a.repeats} on "
-          f"{_device_words(pipe.device)}")
-    return 0
-
-
 # ``<command> <flag>`` hands every other argument to that module's own command line
 DELEGATED = {("sample", "--distributed"): "latteflow.evaluation.sample_ddp", ("train", "--distributed"): "latteflow.training.ddp",
              ("eval", "--fid"): "latteflow.evaluation.fid"}
@@ -374,7 +340,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             parser.print_help()
             return 0 if argv else EXIT_USAGE
         if argv[0] == "bench" and any(x == "--checkpoint" or x.startswith("--checkpoint=") for x in argv[1:]):
-            return _cmd_bench_checkpoint(argv[1:])
+            from latteflow.apps import bench
+
+            return bench.checkpoint_main(argv[1:], prog=f"{BENCH_PROG} --checkpoint", parser_class=_Parser)
         if argv[0] == "bench":  # everything after it belongs to latteflow.apps.bench, flags included
             return _cmd_bench(argparse.Namespace(args=argv[1:]))
         delegated = _delegated(argv)

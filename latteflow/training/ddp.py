@@ -16,6 +16,11 @@
   unsharded weights (FSDP2 gathers them through ``torch.distributed.checkpoint.state_dict``) and a
   ``trainer.pt`` holding the step, the optimizer state keyed by parameter names (full) and the seeds.
   Nothing in it depends on the world size, so a run resumes on any number of ranks.
+- **EMA.** ``ema`` (a ``latteflow.training.loop.EMA``, DDP only) is updated on every rank after every
+  optimizer step (the ranks hold the same weights); rank 0 writes it beside each checkpoint as the
+  single-process trainer does (``ema/step_<k>.safetensors``, its digest in the config) and every rank
+  restores it on resume. The command line exports it at the end as ``OUT/model`` (the EMA weights, the
+  run's metadata), as ``latteflow train`` exports ``RUN/model``.
 """
 from __future__ import annotations
 
@@ -34,11 +39,13 @@ from torch import Tensor, nn
 from latteflow.core.checkpoint import atomic_write_bytes, load_state, load_trainer_state, save_checkpoint
 from latteflow.core.context import Context, PromptContexts, text_model
 from latteflow.distributed import DistEnv, MainParser, derive_seed, init_distributed, run_main
-from latteflow.training.loop import LATEST, check_trainer_args, clean_checkpoint_dir, latest_checkpoint
+from latteflow.training.loop import (EMA, EMA_DIR, LATEST, _load_ema, check_trainer_args, clean_checkpoint_dir,
+                                     latest_checkpoint)
 
 __all__ = ["LabeledLatents", "TrainRun", "global_batch_indices", "main", "rank_slice", "train_distributed"]
 
 TRAINER_FORMAT = "latteflow-ddp-1"
+MODEL_DIR = "model"  # where the command line exports the final (EMA) weights, inside --out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -177,14 +184,18 @@ class _FullState:
 
 
 def _save(env: DistEnv, model, optimizer, step: int, trainer: Dict, path: str, *, sharded: bool,
-          include_backbone: bool, metadata: Dict) -> None:
-    """Collective: every rank calls it; rank 0 writes."""
+          include_backbone: bool, metadata: Dict, ema: Optional[EMA] = None) -> None:
+    """Collective: every rank calls it; rank 0 writes (the EMA first, so a complete step has its EMA)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
     opts = _state_options(env)
     optim_state = get_optimizer_state_dict(model, optimizer, options=opts)
     full = get_model_state_dict(model, options=opts) if sharded else None
     if env.is_main:
+        if ema is not None:
+            name = os.path.basename(os.path.normpath(path))
+            metadata = dict(metadata, ema=ema.save(os.path.join(os.path.dirname(path), EMA_DIR,
+                                                                name + ".safetensors")))
         target = _FullState(model, full) if sharded else model
         save_checkpoint(target, path, trainer_state=dict(trainer, step=step, optimizer=optim_state),
                         include_backbone=include_backbone, metadata=metadata)
@@ -198,6 +209,7 @@ class TrainRun:
     losses: List[float] = field(default_factory=list)
     checkpoint: Optional[str] = None
     world_size: int = 1
+    ema: Optional[EMA] = None
 
 
 def train_distributed(model, data: LabeledLatents, *, steps: int, global_batch_size: int, lr: float = 1e-4,
@@ -206,7 +218,7 @@ def train_distributed(model, data: LabeledLatents, *, steps: int, global_batch_s
                       checkpoint_dir: Optional[str] = None, checkpoint_every: int = 0, keep_checkpoints: int = 2,
                       resume=True, include_backbone: bool = True, metadata: Optional[Dict] = None,
                       env: Optional[DistEnv] = None, callback=None,
-                      micro_batch_size: Optional[int] = None) -> TrainRun:
+                      micro_batch_size: Optional[int] = None, ema: Optional[EMA] = None) -> TrainRun:
     """Trains ``model`` (a ``LatteFlowModel`` on ``env.device``, identical on every rank) to ``steps``
     optimizer steps with AdamW on global batches of ``global_batch_size`` (see the module docstring).
 
@@ -216,7 +228,9 @@ def train_distributed(model, data: LabeledLatents, *, steps: int, global_batch_s
     the model). ``callback(step, loss)`` runs on every rank after every step (loss: the global mean).
     ``micro_batch_size``: latents per forward on each rank (default: the rank's whole share); gradients
     accumulate over the micro-batches and DDP reduces once per step. Each sample keeps its generator, so
-    the result does not depend on it beyond float rounding."""
+    the result does not depend on it beyond float rounding. ``ema``: an ``EMA`` of ``model`` (not with
+    ``fsdp``), updated after every step, saved with every checkpoint, restored on resume; returned in
+    ``TrainRun.ema``."""
     env = init_distributed() if env is None else env
     for name, v, lo in (("steps", steps, 0), ("checkpoint_every", checkpoint_every, 0), ("seed", seed, 0),
                         ("data_seed", data_seed, 0)):
@@ -235,6 +249,10 @@ def train_distributed(model, data: LabeledLatents, *, steps: int, global_batch_s
     micro = local.stop - local.start if micro_batch_size is None else micro_batch_size
     if len(data) < 1:
         raise ValueError("data must hold at least one sample")
+    if ema is not None and not isinstance(ema, EMA):
+        raise TypeError(f"ema must be a latteflow.training.loop.EMA or None, got {type(ema).__name__}")
+    if ema is not None and fsdp:
+        raise ValueError("ema: the distributed trainer keeps an EMA with DDP only, not with fsdp (sharded weights)")
 
     if checkpoint_dir is not None and env.is_main:
         clean_checkpoint_dir(checkpoint_dir)  # what a killed run left (temporaries only: no rank reads them)
@@ -251,9 +269,14 @@ def train_distributed(model, data: LabeledLatents, *, steps: int, global_batch_s
         for name, value in (("global_batch_size", global_batch_size), ("seed", seed), ("data_seed", data_seed)):
             if trainer_saved[name] != value:
                 raise ValueError(f"resuming {source!r} needs {name}={trainer_saved[name]} (as saved), got {value}")
+        saved_decay = trainer_saved.get("ema_decay")
+        if ema is not None and saved_decay is not None and saved_decay != ema.decay:
+            raise ValueError(f"resuming {source!r} needs ema decay {saved_decay} (as saved), got {ema.decay}")
         load_state(model, source)  # full weights into every rank's unsharded model, before wrapping
+        if ema is not None:
+            _load_ema(ema, source)
         start = int(trainer_saved["step"])
-    result = TrainRun(step=start, checkpoint=source, world_size=env.world_size)
+    result = TrainRun(step=start, checkpoint=source, world_size=env.world_size, ema=ema)
     if start >= steps:
         return result
 
@@ -280,7 +303,7 @@ def train_distributed(model, data: LabeledLatents, *, steps: int, global_batch_s
         set_optimizer_state_dict(model, optimizer, optim_state_dict=trainer_saved["optimizer"],
                                  options=_state_options(env, strict=False))
     trainer = {"format": TRAINER_FORMAT, "global_batch_size": global_batch_size, "seed": seed,
-               "data_seed": data_seed}
+               "data_seed": data_seed, "ema_decay": None if ema is None else ema.decay}
     metadata = dict(metadata or {})
 
     was_training = model.training
@@ -307,6 +330,8 @@ def train_distributed(model, data: LabeledLatents, *, steps: int, global_batch_s
             if max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
             optimizer.step()
+            if ema is not None:
+                ema.update(model)
             value = loss.detach().float().reshape(1)
             if env.distributed:
                 dist.all_reduce(value)
@@ -319,10 +344,11 @@ def train_distributed(model, data: LabeledLatents, *, steps: int, global_batch_s
                 name = f"step_{step + 1:08d}"
                 path = os.path.join(checkpoint_dir, name)
                 _save(env, model, optimizer, step + 1, trainer, path, sharded=sharded,
-                      include_backbone=include_backbone, metadata=metadata)
+                      include_backbone=include_backbone, metadata=metadata, ema=ema)
                 if env.is_main:
                     atomic_write_bytes(os.path.join(checkpoint_dir, LATEST), (name + "\n").encode())
                     _prune(checkpoint_dir, name, keep_checkpoints)
+                    clean_checkpoint_dir(checkpoint_dir)  # the EMA files of the pruned steps
                 result.checkpoint = path
                 if env.distributed:
                     dist.barrier()
@@ -386,6 +412,12 @@ def build_parser(prog: str = "latteflow train --distributed") -> argparse.Argume
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--ema", type=float, default=None,
+                   help="EMA decay of the weights exported as OUT/model (default 0.999; not with --fsdp)")
+    p.add_argument("--no-ema", action="store_true", help="keep no EMA (OUT/model is not written)")
+    p.add_argument("--recipe", choices=("imagenet256",), default=None,
+                   help="a prepare folder: the paper's settings (latteflow.training.prepared.apply_recipe; "
+                        "an explicit flag wins); printed")
     p.add_argument("--seed", type=int, default=0, help="loss randomness")
     p.add_argument("--data-seed", type=int, default=0, help="batch order")
     p.add_argument("--checkpoint-every", type=int, default=100)
@@ -409,10 +441,45 @@ def build_parser(prog: str = "latteflow train --distributed") -> argparse.Argume
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command line entry point; returns the exit status (0 ok, 2 misuse / bad input)."""
-    return run_main(build_parser(), argv, _train_main)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    given = {x.split("=", 1)[0] for x in argv if x.startswith("--")}
+    return run_main(build_parser(), argv, lambda args, env: _train_main(args, env, given))
 
 
-def _train_main(args, env: DistEnv) -> str:
+# flag -> train_distributed setting, for --recipe (an explicit flag wins)
+RECIPE_FLAGS = {"--steps": "steps", "--global-batch-size": "global_batch_size", "--lr": "lr", "--variant": "variant",
+                "--num-groups": "num_groups", "--ema": "ema_decay", "--weight-decay": "weight_decay",
+                "--max-grad-norm": "max_grad_norm"}
+DEFAULT_EMA = 0.999
+
+
+def _settings(args, env: DistEnv, given) -> Dict:
+    """The optimisation settings of the command line, ``--recipe`` applied (and printed by rank 0)."""
+    kw = dict(steps=args.steps, global_batch_size=args.global_batch_size, lr=args.lr, variant=args.variant,
+              num_groups=args.num_groups, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
+              betas=(0.9, 0.999), ema_decay=DEFAULT_EMA if args.ema is None else args.ema)
+    if args.recipe is not None:
+        from latteflow.training.prepared import apply_recipe
+
+        if args.data == "digits":
+            raise ValueError("--recipe goes with a prepare folder, not --data digits")
+        kw, line = apply_recipe(args.recipe, kw, {k for f, k in RECIPE_FLAGS.items() if f in given})
+        if env.is_main:
+            print(line, flush=True)
+    if args.no_ema:
+        if args.ema is not None:
+            raise ValueError("--ema and --no-ema exclude each other")
+        kw["ema_decay"] = None
+    elif args.fsdp and args.ema is None:
+        kw["ema_decay"] = None  # FSDP2 shards the weights: no EMA unless asked for (which is refused)
+    if kw["ema_decay"] is not None and not 0.0 <= kw["ema_decay"] < 1.0:
+        raise ValueError(f"--ema must lie in [0, 1), got {kw['ema_decay']}")
+    return kw
+
+
+def _train_main(args, env: DistEnv, given=frozenset()) -> str:
+    kw = _settings(args, env, given)
+    args.variant, args.num_groups = kw.pop("variant"), kw.pop("num_groups")
     if args.data == "digits":
         from latteflow.data.digits import DIGIT_PROMPTS, load_digits_split
 
@@ -435,15 +502,25 @@ def _train_main(args, env: DistEnv) -> str:
         if env.is_main and (step % 10 == 0 or step == args.steps):
             print(f"step {step}/{args.steps} loss {loss:.4f}", flush=True)
 
+    decay = kw.pop("ema_decay")
+    ema = None if decay is None else EMA(model, decay)
+    kw["max_grad_norm"] = kw["max_grad_norm"] or None
     run = train_distributed(
-        model, data, steps=args.steps, global_batch_size=args.global_batch_size, lr=args.lr,
-        weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm or None, amp=amp, seed=args.seed,
-        data_seed=args.data_seed, fsdp=args.fsdp, checkpoint_dir=args.out,
+        model, data, amp=amp, seed=args.seed, data_seed=args.data_seed, fsdp=args.fsdp, checkpoint_dir=args.out,
         checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep, resume=not args.no_resume,
         include_backbone=include_backbone, metadata=metadata, env=env, callback=report,
-        micro_batch_size=args.micro_batch_size)
+        micro_batch_size=args.micro_batch_size, ema=ema, **kw)
     loss = f"final loss {run.losses[-1]:.4f}" if run.losses else "nothing to train"
-    return f"trained to step {run.step} on {run.world_size} rank(s): {loss}; checkpoint {run.checkpoint}"
+    summary = f"trained to step {run.step} on {run.world_size} rank(s): {loss}; checkpoint {run.checkpoint}"
+    if ema is not None and run.step > 0:
+        if env.is_main:  # the EMA weights as the model, the way latteflow train exports RUN/model
+            ema.copy_to(model)
+            save_checkpoint(model, os.path.join(args.out, MODEL_DIR), include_backbone=include_backbone,
+                            metadata=dict(metadata, steps=run.step))
+        if env.distributed:
+            dist.barrier()  # a job reading OUT/model next finds it complete on every rank
+        summary += f"; EMA weights -> {os.path.join(args.out, MODEL_DIR)}"
+    return summary
 
 
 if __name__ == "__main__":

@@ -186,9 +186,10 @@ def _load_ema(ema: EMA, checkpoint: str) -> None:
     ema.load(_ema_path(checkpoint), entry, recorded_in)
 
 
-def _save_periodic(model, optimizer, step, loss_gen, checkpoint_dir, keep, ema: Optional[EMA] = None) -> str:
+def _save_periodic(model, optimizer, step, loss_gen, checkpoint_dir, keep, ema: Optional[EMA] = None,
+                   extra: Optional[Dict[str, Any]] = None) -> str:
     name = f"step_{step:08d}"
-    metadata = {}
+    metadata = dict(extra or {})
     if ema is not None:  # first, so a complete step directory always has its EMA
         metadata["ema"] = ema.save(os.path.join(checkpoint_dir, EMA_DIR, name + ".safetensors"))
     path = save_checkpoint(model, os.path.join(checkpoint_dir, name), metadata=metadata, trainer_state={
@@ -258,6 +259,7 @@ def train(
     callback: Optional[Callable[[int, float], None]] = None,
     ema: Optional[EMA] = None,
     accumulation: int = 1,
+    metadata: Optional[Dict[str, Any]] = None,
 ) -> TrainResult:
     """Trains ``model`` (a ``LatteFlowModel``) until ``steps`` optimizer steps in total.
 
@@ -269,7 +271,11 @@ def train(
     optimizer step, saved with every checkpoint and restored on resume. ``progress``: a tqdm bar,
     shown when stderr is a terminal (tqdm decides). ``accumulation``: micro-batches per optimizer step
     (gradients summed over them, each loss divided by ``accumulation``; the loss reported is their
-    mean); a callable ``data`` is then called with the micro-batch index ``step * accumulation + i``."""
+    mean); a callable ``data`` is then called with the micro-batch index ``step * accumulation + i``.
+    ``metadata``: recorded in every checkpoint's config (``metadata``, beside ``ema``), e.g.
+    what ``load_pipeline`` needs to open a step checkpoint on its own."""
+    if metadata is not None and not isinstance(metadata, dict):
+        raise TypeError(f"metadata must be a dict or None, got {type(metadata).__name__}")
     if isinstance(accumulation, bool) or not isinstance(accumulation, int) or accumulation < 1:
         raise ValueError(f"accumulation must be a positive int, got {accumulation!r}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
@@ -348,7 +354,7 @@ def train(
                 callback(step + 1, value)
             if checkpoint_every and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
                 result.checkpoint = _save_periodic(model, optimizer, step + 1, loss_gen, checkpoint_dir,
-                                                   keep_checkpoints, ema)
+                                                   keep_checkpoints, ema, metadata)
     finally:
         if bar is not None:
             bar.close()

@@ -11,7 +11,8 @@ DIR --backbone DIR``.
 - Batches: micro-batch ``k`` is positions ``[k b, (k+1) b)`` of an endless stream of epochs, each epoch the
   order of a ``ShardAwareSampler`` seeded by ``data_seed`` (shards a window at a time, so the shard cache
   is hit): a function of ``k`` alone, so a resumed run sees the batches an uninterrupted one sees.
-- Output folder: ``checkpoints/`` (``step_<k>`` + ``ema/``), ``run.json`` (settings a resume must keep,
+- Output folder: ``checkpoints/`` (``step_<k>`` + ``ema/``; each step records the metadata ``model/`` does,
+  so ``load_pipeline`` opens it with its raw, non-EMA weights), ``run.json`` (settings a resume must keep,
   the backbone's digest among them) and ``model/``: the EMA weights as a checkpoint whose metadata records
   the backbone folder + SHA-256, the VAE folder + SHA-256 from the manifest, the latent space, the
   resolution and the classes. A Couple model stores its trainable parameters only; blend stores all.
@@ -29,16 +30,39 @@ from latteflow.core.checkpoint import atomic_write_bytes, save_checkpoint
 from latteflow.core.config import LatteFlowConfig
 from latteflow.core.model import LatteFlowModel
 
-__all__ = ["IMAGENET256", "IMAGENET256_CHOSEN", "PreparedLatents", "ShardBatches", "prepared_for_ddp", "build_prepared_model", "enable_grad_checkpointing",
+__all__ = ["IMAGENET256", "IMAGENET256_CHOSEN", "RECIPES", "PreparedLatents", "apply_recipe", "ShardBatches", "prepared_for_ddp", "build_prepared_model", "enable_grad_checkpointing",
            "model_metadata", "train_prepared"]
 
 # The paper's ImageNet 256x256 settings (section 4, "training and evaluation details").
 IMAGENET256 = dict(global_batch_size=2048, lr=5e-4, steps=240_000, variant="couple", num_groups=4)
 # What the paper leaves open, and what --recipe imagenet256 chooses.
 IMAGENET256_CHOSEN = dict(weight_decay=0.0, betas=(0.9, 0.999), max_grad_norm=1.0, ema=0.9999, warmup_steps=0)
+RECIPES = {"imagenet256": (IMAGENET256, IMAGENET256_CHOSEN)}
 MODEL_DIR = "model"
 CHECKPOINT_DIR = "checkpoints"
 RUN_NAME = "run.json"
+
+
+def apply_recipe(name: str, settings: Dict[str, Any], explicit=()):
+    """``(settings, line)`` for ``--recipe name``, used by both trainers: ``settings`` (keys steps,
+    global_batch_size, lr, variant, num_groups, ema_decay, weight_decay, betas, max_grad_norm) with the
+    recipe's value wherever the key is not in ``explicit`` (what the command line gave: an explicit flag
+    wins); ``line`` says what the recipe holds and what is in effect."""
+    if name not in RECIPES:
+        raise ValueError(f"recipe must be one of {sorted(RECIPES)}, got {name!r}")
+    paper, chosen = RECIPES[name]
+    values = dict(paper, ema_decay=chosen["ema"], weight_decay=chosen["weight_decay"], betas=chosen["betas"],
+                  max_grad_norm=chosen["max_grad_norm"])
+    out = dict(settings)
+    for key, value in values.items():
+        if key not in explicit:
+            out[key] = value
+    line = (f"recipe {name} (paper): " + ", ".join(f"{k} {v}" for k, v in paper.items())
+            + f"; chosen where the paper is silent: AdamW betas {chosen['betas']}, weight decay "
+            f"{chosen['weight_decay']:g}, grad clip {chosen['max_grad_norm']}, EMA {chosen['ema']}, "
+            f"{'no' if not chosen['warmup_steps'] else chosen['warmup_steps']} warmup, bf16 autocast on CUDA; "
+            "in effect: " + ", ".join(f"{k} {out[k]}" for k in values if k in out))
+    return out, line
 
 
 def model_config(manifest: Dict[str, Any], *, variant: str = "couple", num_groups: int = 4,
@@ -244,6 +268,7 @@ def train_prepared(data_dir: str, backbone_dir: str, out_dir: str, *, steps: int
         raise ValueError(f"{ckpt_dir} already holds checkpoints: pass --resume to continue, or choose another --out")
     ema = EMA(model, ema_decay)
     batches = ShardBatches(data, model, tokenizer, micro, data_seed=seed)
+    metadata = model_metadata(data.manifest, record)
     trainable = sum(p.numel() for p in model.trainable_parameters())
     log(f"training {variant} ({num_groups} groups, {trainable / 1e6:.2f} M trainable parameters) on {len(data)} "
         f"latents of {len(data.classes)} classes; global batch {global_batch_size} = "
@@ -252,11 +277,11 @@ def train_prepared(data_dir: str, backbone_dir: str, out_dir: str, *, steps: int
     result = train(model, batches, steps=steps, lr=lr, weight_decay=weight_decay, betas=betas,
                    max_grad_norm=max_grad_norm, checkpoint_dir=ckpt_dir, checkpoint_every=checkpoint_every or steps,
                    resume=bool(resume), seed=seed, progress=progress, ema=ema,
-                   accumulation=global_batch_size // micro)
+                   accumulation=global_batch_size // micro, metadata=metadata)
     seconds = time.perf_counter() - t0
     ema.copy_to(model)
     model_dir = save_checkpoint(model, os.path.join(out_dir, MODEL_DIR),
-                                metadata=dict(model_metadata(data.manifest, record), steps=result.step))
+                                metadata=dict(metadata, steps=result.step))
     return {"steps": result.step, "trained_steps": len(result.losses),
             "final_loss": result.losses[-1] if result.losses else None, "train_seconds": seconds,
             "model_dir": model_dir, "device": str(device)}

@@ -109,3 +109,30 @@ def run_two_ranks(out_dir, fn=None, extra_args=()):
         for p in ctx.processes:
             if p.is_alive():
                 p.kill()
+
+
+EMA_DECAY = 0.8
+
+
+def ema_job(rank, world_size, out_dir):
+    """One rank of the EMA test: DDP training with an EMA to step 2 (a checkpoint each step), then a
+    fresh model and EMA resuming from that checkpoint to step 3; rank 0 saves the final EMA shadow."""
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    from latteflow.distributed import init_distributed, shutdown_distributed
+    from latteflow.training.ddp import train_distributed
+    from latteflow.training.loop import EMA
+
+    env = init_distributed("cpu", timeout_s=TIMEOUT_S)
+    try:
+        ck = os.path.join(out_dir, "ema")
+        for steps in (2, 3):
+            model = make_model()
+            ema = EMA(model, EMA_DECAY)
+            run = train_distributed(model, make_data(), steps=steps, checkpoint_dir=ck, checkpoint_every=1,
+                                    env=env, ema=ema, **TRAIN_KW)
+            assert run.ema is ema and ema.updates == steps
+        if rank == 0:
+            torch.save({n: t.clone() for n, t in ema.shadow.items()}, os.path.join(out_dir, "ema_shadow.pt"))
+    finally:
+        shutdown_distributed(env)

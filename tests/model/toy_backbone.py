@@ -9,6 +9,8 @@ import os
 
 import torch
 
+import toy_data
+
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
             "<|image_pad|>", "<|video_pad|>"]
 CHAT_TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
@@ -57,24 +59,9 @@ def load_toy(folder):
     return Qwen2VLForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
 
 
-# A DC-AE with 4x downsampling (three block levels) and 4 latent channels: 16x16 images -> 4 x 4 x 4 latents.
-TOY_DC = dict(in_channels=3, latent_channels=4, attention_head_dim=4,
-              encoder_block_types=("ResBlock",) * 3, decoder_block_types=("ResBlock",) * 3,
-              encoder_block_out_channels=(8, 8, 16), decoder_block_out_channels=(8, 8, 16),
-              encoder_layers_per_block=(1, 1, 1), decoder_layers_per_block=(1, 1, 1),
-              encoder_qkv_multiscales=((), (), ()), decoder_qkv_multiscales=((), (), ()))
-TOY_CLASSES = ["n01440764", "n01443537", "n01484850"]
-TOY_PROMPTS = ["tench", "goldfish", "great white shark"]
-
-
-def write_toy_dcae(folder, seed: int = 0) -> str:
-    from diffusers import AutoencoderDC
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        vae = AutoencoderDC(**TOY_DC).eval()
-    vae.save_pretrained(folder)
-    return os.fspath(folder)
+TOY_CLASSES = list(toy_data.TOY_CLASSES)  # n01440764, n01443537, n01484850
+TOY_PROMPTS = [toy_data.TOY_NAMES[c] for c in TOY_CLASSES]  # tench, goldfish, great white shark
+write_toy_dcae = toy_data.write_toy_dcae  # one toy DC-AE (4x, 4 latent channels) for prepare and these fixtures
 
 
 def write_toy_prepared(folder, vae_folder, per_class: int = 4, resolution: int = 16, seed: int = 0) -> str:

@@ -2,7 +2,8 @@
 ``save_pretrained`` (random weights) and an ImageNet-layout image folder drawn with Pillow.
 
 Imported as ``import toy_data`` (tests/model is on sys.path through its conftest); the pytest fixtures
-``toy_dcae_folder`` and ``toy_image_folder`` in tests/model/conftest.py call these."""
+``toy_dcae_folder`` and ``toy_image_folder`` in tests/model/conftest.py call these; ``toy_backbone``'s
+prepare folder (the ``toy_prepared`` fixture) encodes with the same ``write_toy_dcae``."""
 from __future__ import annotations
 
 import os
@@ -35,8 +36,10 @@ def write_toy_dcae(folder: str | os.PathLike, seed: int = 0) -> str:
     import torch
     from diffusers import AutoencoderDC
 
-    torch.manual_seed(seed)
-    AutoencoderDC(**TOY_DCAE_CONFIG).save_pretrained(os.fspath(folder))
+    with torch.random.fork_rng(devices=[]):  # the global RNG is left as it was
+        torch.manual_seed(seed)
+        vae = AutoencoderDC(**TOY_DCAE_CONFIG).eval()
+    vae.save_pretrained(os.fspath(folder))
     return os.fspath(folder)
 
 

@@ -70,6 +70,24 @@ def test_load_pipeline_gives_seeded_uint8_rgb_of_the_prepared_resolution(run):
         pipe(["a zebra"], steps=2)
 
 
+def test_every_step_checkpoint_opens_with_load_pipeline(run):
+    from latteflow import load_pipeline
+    from latteflow.core.checkpoint import read_config
+    from latteflow.training.loop import checkpoint_steps
+
+    steps = checkpoint_steps(os.path.join(run, "checkpoints"))
+    assert [k for k, _ in steps] == [2, 3]  # --checkpoint-every 1, two kept; step 2 from before the resume
+    model_meta = read_config(os.path.join(run, "model"))["metadata"]
+    for _, path in steps:
+        meta = read_config(path)["metadata"]
+        for key in ("backbone", "vae", "tokenizer", "autoencoder", "resolution", "classes"):
+            assert meta[key] == model_meta[key], key
+        assert "ema" in meta  # the trainer's own entry stays
+        pipe = load_pipeline(path, device="cpu")
+        images = pipe(["goldfish"], steps=2, seed=1)
+        assert images.dtype == np.uint8 and images.shape == (1, 16, 16, 3)
+
+
 def test_sample_command_writes_a_grid_without_prompts(run, tmp_path, capsys):
     from PIL import Image
 
