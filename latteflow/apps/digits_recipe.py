@@ -32,7 +32,7 @@ from latteflow.core.context import Context
 from latteflow.data.digits import DIGIT_PROMPTS, GRID_HW, NUM_CLASSES, load_digits_split
 from latteflow.core.model import LatteFlowModel
 from latteflow.text.tokenizer import TOKENIZER_FILENAME, CharTokenizer
-from latteflow.training.loop import EMA, EMA_DIR
+from latteflow.training.loop import EMA, EMA_DIR, check_same_run
 from latteflow.data.vae import PixelAutoencoder
 
 __all__ = ["DIGITS_BACKBONE", "EMA", "DigitsRecipe", "PromptContexts", "backbone_checksum", "build_digits_model",
@@ -232,24 +232,6 @@ _RUN_KEYS = {"seed": "--seed", "batch_size": "--batch-size", "lr": "--lr", "ema_
              "recipe": "--variant / --groups / --no-residual-attention / --backbone-seed"}
 
 
-def _check_same_run(out_dir: str, settings: dict) -> None:
-    """A resumed run must use the settings its checkpoints were trained with (``run.json``)."""
-    path = os.path.join(out_dir, RUN_NAME)
-    if not os.path.isfile(path):
-        return
-    try:
-        with open(path) as f:
-            saved = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: not readable JSON ({e})") from None
-    if not isinstance(saved, dict):
-        raise ValueError(f"{path}: must hold a JSON object")
-    for key, flag in _RUN_KEYS.items():
-        if key in saved and saved[key] != settings[key]:
-            raise ValueError(f"resume: {flag} must stay as the run was started ({key} {saved[key]!r}, now "
-                             f"{settings[key]!r}; see {path})")
-
-
 def train_digits(out_dir: str, *, steps: int, seed: int = 0, recipe: Optional[DigitsRecipe] = None,
                  batch_size: int = 32, lr: float = 1e-3, ema_decay: float = 0.999, checkpoint_every: int = 250,
                  resume: bool = False, eval_per_class: int = 50, eval_steps: int = 40, guidance: float = 5.0,
@@ -284,7 +266,7 @@ def train_digits(out_dir: str, *, steps: int, seed: int = 0, recipe: Optional[Di
     if not resume and checkpoint_steps(ckpt_dir):
         raise ValueError(f"out {out_dir!r} already holds checkpoints: pass resume to continue, or choose a new folder")
     if resume:
-        _check_same_run(out_dir, settings)
+        check_same_run(os.path.join(out_dir, RUN_NAME), {k: settings[k] for k in _RUN_KEYS}, flags=_RUN_KEYS)
     os.makedirs(os.path.join(ckpt_dir, EMA_DIR), exist_ok=True)
     clean_temporaries(out_dir)  # a killed export of model/, or of run.json / losses.csv
     clean_temporaries(os.path.join(out_dir, MODEL_DIR))

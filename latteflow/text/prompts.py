@@ -18,9 +18,10 @@ from typing import List, Sequence
 
 import torch
 
+from latteflow.text.tokenizer import check_padding_side, encode_batch
+
 __all__ = ["ChatPromptTokenizer"]
 
-_PADDING_SIDES = ("right", "left")
 
 
 class ChatPromptTokenizer:
@@ -32,11 +33,9 @@ class ChatPromptTokenizer:
     def __init__(self, tokenizer, *, folder: str | None = None, padding_side: str = "right"):
         if not callable(getattr(tokenizer, "convert_tokens_to_ids", None)):
             raise TypeError(f"tokenizer must be a transformers tokenizer, got {type(tokenizer).__name__}")
-        if padding_side not in _PADDING_SIDES:
-            raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
         self.tokenizer = tokenizer
         self.folder = folder
-        self.padding_side = padding_side
+        self.padding_side = check_padding_side(padding_side)
         self.uses_chat_template = bool(getattr(tokenizer, "chat_template", None))
         pad = tokenizer.pad_token_id
         if pad is None:
@@ -92,29 +91,7 @@ class ChatPromptTokenizer:
                device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(input_ids, attention_mask)``, int64 ``(B, L)``, ``L`` the longest prompt; padding holds the
         pad id and mask 0 (right padding unless ``padding_side="left"``)."""
-        if isinstance(texts, str):
-            texts = [texts]
-        if not isinstance(texts, Sequence):
-            raise TypeError(f"texts must be a str or a sequence of str, got {type(texts).__name__}")
-        if len(texts) == 0:
-            raise ValueError("texts must hold at least one prompt")
-        for i, t in enumerate(texts):
-            if not isinstance(t, str):
-                raise TypeError(f"texts[{i}] must be a str, got {type(t).__name__}")
-        side = self.padding_side if padding_side is None else padding_side
-        if side not in _PADDING_SIDES:
-            raise ValueError(f"padding_side must be 'right' or 'left', got {side!r}")
-        rows = [self.encode_one(t) for t in texts]
-        length = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), length), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
-        for b, r in enumerate(rows):
-            sl = slice(0, len(r)) if side == "right" else slice(length - len(r), length)
-            input_ids[b, sl] = torch.tensor(r, dtype=torch.long)
-            attention_mask[b, sl] = 1
-        if device is not None:
-            input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-        return input_ids, attention_mask
+        return encode_batch(self, texts, padding_side=padding_side, device=device)
 
     def __call__(self, texts, **kwargs):
         return self.encode(texts, **kwargs)

@@ -36,10 +36,38 @@ _FORMAT_VERSION = 1
 _PADDING_SIDES = ("right", "left")
 
 
-def _check_padding_side(padding_side) -> str:
+def check_padding_side(padding_side) -> str:
     if padding_side not in _PADDING_SIDES:
         raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
     return padding_side
+
+
+def encode_batch(tokenizer, texts: str | Sequence[str], *, padding_side: str | None = None,
+                 device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` of a batch of prompts for any tokenizer with ``encode_one(text)``,
+    ``pad_token_id`` and a default ``padding_side`` (the char tokenizer and the backbone's own): int64
+    ``(B, L)``, ``L`` the longest prompt; padding holds the pad id and mask 0."""
+    if isinstance(texts, str):
+        texts = [texts]
+    if not isinstance(texts, Sequence):
+        raise TypeError(f"texts must be a str or a sequence of str, got {type(texts).__name__}")
+    if len(texts) == 0:
+        raise ValueError("texts must hold at least one prompt")
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise TypeError(f"texts[{i}] must be a str, got {type(t).__name__}")
+    side = tokenizer.padding_side if padding_side is None else check_padding_side(padding_side)
+    rows = [tokenizer.encode_one(t) for t in texts]
+    length = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), length), tokenizer.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for b, r in enumerate(rows):
+        sl = slice(0, len(r)) if side == "right" else slice(length - len(r), length)
+        input_ids[b, sl] = torch.tensor(r, dtype=torch.long)
+        attention_mask[b, sl] = 1
+    if device is not None:
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    return input_ids, attention_mask
 
 
 class CharTokenizer:
@@ -61,7 +89,7 @@ class CharTokenizer:
         if not isinstance(add_eos, bool):
             raise TypeError(f"add_eos must be a bool, got {type(add_eos).__name__}")
         self.alphabet = alphabet
-        self.padding_side = _check_padding_side(padding_side)
+        self.padding_side = check_padding_side(padding_side)
         self.add_eos = add_eos
         offset = len(SPECIAL_TOKENS)
         self._char_to_id = {c: offset + i for i, c in enumerate(alphabet)}
@@ -115,27 +143,7 @@ class CharTokenizer:
         prompt's length; padded positions hold ``<pad>`` and mask 0. ``attention_mask.sum(1)`` is each
         row's context length (``ctx_lens``).
         """
-        if isinstance(texts, str):
-            texts = [texts]
-        if not isinstance(texts, Sequence):
-            raise TypeError(f"texts must be a str or a sequence of str, got {type(texts).__name__}")
-        if len(texts) == 0:
-            raise ValueError("texts must hold at least one prompt")
-        for i, t in enumerate(texts):
-            if not isinstance(t, str):
-                raise TypeError(f"texts[{i}] must be a str, got {type(t).__name__}")
-        side = self.padding_side if padding_side is None else _check_padding_side(padding_side)
-        rows = [self.encode_one(t) for t in texts]
-        length = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), length), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
-        for b, r in enumerate(rows):
-            sl = slice(0, len(r)) if side == "right" else slice(length - len(r), length)
-            input_ids[b, sl] = torch.tensor(r, dtype=torch.long)
-            attention_mask[b, sl] = 1
-        if device is not None:
-            input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-        return input_ids, attention_mask
+        return encode_batch(self, texts, padding_side=padding_side, device=device)
 
     def __call__(self, texts, **kwargs):
         return self.encode(texts, **kwargs)

@@ -26,6 +26,7 @@ was never completed.
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import os
 import random
@@ -227,6 +228,27 @@ def _as_context(model, c: Union[Context, Dict[str, Any], None], device) -> Optio
     if isinstance(c, dict):
         return model.build_context(**{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in c.items()})
     raise TypeError(f"a batch's context must be a Context, a dict of build_context arguments or None, got {type(c).__name__}")
+
+
+def check_same_run(path: str, settings: Dict[str, Any], flags: Optional[Dict[str, str]] = None) -> None:
+    """A resumed run must use the settings its checkpoints were trained with: each key of ``settings``
+    that the JSON object at ``path`` (a run's ``run.json``) also holds must be equal there; ``flags`` names
+    the command-line flag of a key for the error. No file: a new run, nothing to check."""
+    if not os.path.isfile(path):
+        return
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: not readable JSON ({e})") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path}: must hold a JSON object")
+    for key, value in settings.items():
+        if key in saved and saved[key] != value:
+            flag = (flags or {}).get(key, key)
+            named = f"{key} " if flag != key else ""
+            raise ValueError(f"resume: {flag} must stay as the run was started ({named}{saved[key]!r}, now "
+                             f"{value!r}; see {path})")
 
 
 def check_trainer_args(lr, max_grad_norm, checkpoint_every: int, checkpoint_dir) -> None:

@@ -206,22 +206,6 @@ class PreparedLatents:
         return self._inner.batch(model, indices)
 
 
-def _check_same_run(path: str, settings: Dict[str, Any]) -> None:
-    if not os.path.isfile(path):
-        return
-    try:
-        with open(path) as f:
-            saved = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: not readable JSON ({e})") from None
-    if not isinstance(saved, dict):
-        raise ValueError(f"{path}: must hold a JSON object")
-    for key, value in settings.items():
-        if key in saved and saved[key] != value:
-            raise ValueError(f"resume: {key} must stay as the run was started ({saved[key]!r}, now {value!r}; "
-                             f"see {path})")
-
-
 def train_prepared(data_dir: str, backbone_dir: str, out_dir: str, *, steps: int, global_batch_size: int = 32,
                    micro_batch_size: Optional[int] = None, lr: float = 1e-4, weight_decay: float = 0.0,
                    betas=(0.9, 0.999), max_grad_norm: Optional[float] = 1.0, ema_decay: float = 0.999,
@@ -232,7 +216,7 @@ def train_prepared(data_dir: str, backbone_dir: str, out_dir: str, *, steps: int
     """Trains on the prepare folder ``data_dir`` into ``out_dir`` (see the module docstring); returns a
     summary (steps, trained_steps, final_loss, seconds, model_dir, device)."""
     from latteflow.data.shards import LatentShards
-    from latteflow.training.loop import EMA, latest_checkpoint, train
+    from latteflow.training.loop import EMA, check_same_run, latest_checkpoint, train
 
     for name, v, lo in (("steps", steps, 1), ("global_batch_size", global_batch_size, 1),
                         ("checkpoint_every", checkpoint_every, 0), ("seed", seed, 0)):
@@ -254,7 +238,7 @@ def train_prepared(data_dir: str, backbone_dir: str, out_dir: str, *, steps: int
                 "residual_attention": residual_attention}
     saved_sha = None
     if resume and os.path.isfile(run_path):
-        _check_same_run(run_path, settings)
+        check_same_run(run_path, settings)
         with open(run_path) as f:
             saved_sha = (json.load(f).get("backbone") or {}).get("sha256")
     model, tokenizer, record = build_prepared_model(
