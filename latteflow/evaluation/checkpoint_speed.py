@@ -8,18 +8,13 @@ repeats; CUDA is synchronised around every timed region.
 """
 from __future__ import annotations
 
-import statistics
-import time
 from typing import Dict, Optional, Sequence
 
 import torch
 
+from latteflow.evaluation.speed import time_runs
+
 __all__ = ["time_pipeline"]
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _positive(name: str, v) -> int:
@@ -49,17 +44,9 @@ def time_pipeline(pipe, *, batch: int = 50, steps: int = 40, guidance: float = 5
         ctx, null = model.build_context(ids, mask), model.build_context(null_ids, null_mask)
         return sample(model, ctx, null, steps=steps, guidance=float(guidance), noise=noise)
 
-    pipe.autoencoder.decode(generate().float())  # warm-up, untimed
-    gen_times, dec_times = [], []
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        latents = generate()
-        _sync(device)
-        t1 = time.perf_counter()
-        pipe.autoencoder.decode(latents.float())
-        _sync(device)
-        gen_times.append(t1 - t0)
-        dec_times.append(time.perf_counter() - t1)
-    return {"s_per_img": statistics.median(gen_times) / batch, "decode_s_per_img": statistics.median(dec_times) / batch,
+    latents = generate().float()  # warm-up, untimed
+    pipe.autoencoder.decode(latents)
+    gen_ms = time_runs(generate, device, repeats)["ms_p50"]
+    dec_ms = time_runs(lambda: pipe.autoencoder.decode(latents), device, repeats)["ms_p50"]
+    return {"s_per_img": gen_ms / 1e3 / batch, "decode_s_per_img": dec_ms / 1e3 / batch,
             "batch": batch, "steps": steps, "repeats": repeats}
