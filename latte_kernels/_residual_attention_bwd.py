@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from . import _residual_attention_fwd as _fwd
+from . import _backend, _tma
 from ._residual_attention_fwd import LOG2E, LOG2E_C, _cfg, _tuned, dot_precision, head_dim_pad, launch
 
 
@@ -80,6 +81,39 @@ def _rows_kernel(
 
 
 @triton.jit
+def _rows(X, b, h, start_m, sb, sn, sh, sd, N, D: tl.constexpr, DP: tl.constexpr, BLOCK_M: tl.constexpr,
+          TMA: tl.constexpr):
+    """Rows ``start_m ..`` of head ``h`` of batch ``b`` of a (B, N, H, D) tensor as a (BLOCK_M, DP) tile,
+    0 past ``N`` and ``D``: with ``TMA`` ``X`` is a tensor descriptor of block (1, BLOCK_M, 1, DP) and the
+    tile lands in shared memory without passing through registers; else masked pointer loads."""
+    if TMA:
+        x = tl.reshape(X.load([b, start_m, h, 0]), [BLOCK_M, DP])
+    else:
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, DP)
+        mask = (offs_m < N)[:, None] & (offs_d < D)[None, :]
+        x = tl.load(X + b.to(tl.int64) * sb + h * sh + offs_m[:, None] * sn + offs_d[None, :] * sd, mask=mask,
+                    other=0.0)
+    return x
+
+
+@triton.jit
+def _add_rows(X, x, b, h, start_m, N, H, D: tl.constexpr, DP: tl.constexpr, BLOCK_M: tl.constexpr,
+              TMA: tl.constexpr):
+    """Atomically adds the float32 (BLOCK_M, DP) tile ``x`` into rows ``start_m ..`` of head ``h`` of batch
+    ``b`` of a contiguous (B, N, H, D) buffer, dropping what falls past ``N`` or ``D``: with ``TMA`` one
+    bulk reduction from shared memory (``X`` a descriptor), else per-element float32 atomics."""
+    if TMA:
+        X.atomic_add([b, start_m, h, 0], tl.reshape(x, [1, BLOCK_M, 1, DP]))
+    else:
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, DP)
+        mask = (offs_m < N)[:, None] & (offs_d < D)[None, :]
+        at = X + (b.to(tl.int64) * N * H + h) * D + offs_m[:, None] * (H * D) + offs_d[None, :]
+        tl.atomic_add(at, x, mask=mask, sem="relaxed")
+
+
+@triton.jit
 def _dkdv_kernel(
     Q, K, V, QP, KP, TG, DO, LSE, DELTA, DK, DV, DKP, DQ, DQP,
     sqb, sqn, sqh, sqd,
@@ -93,71 +127,74 @@ def _dkdv_kernel(
     Nq, Nk, Hq, Hkv, GROUP,
     c_qk, k_mult, ratio,
     D: tl.constexpr, DP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_RES: tl.constexpr, QK_ZERO: tl.constexpr, ATOMIC_DQ: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_RES: tl.constexpr, QK_ZERO: tl.constexpr, ATOMIC_DQ: tl.constexpr, TMA: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
-    """Key-major pass; with ``ATOMIC_DQ`` also dq and dq_prev (float32 atomics). The products per
-    (query tile, key tile) pair, marked ``# product i`` below: the logits over the concatenated head
-    dim (1-2: ``k . q^T`` then ``k_prev . (r q_prev)^T`` into the same accumulator), dv (3), dP (4),
-    dk (5), dk_prev (6), dq (7), dq_prev (8). Every product has BLOCK_N or BLOCK_M rows."""
+    """Key-major pass; with ``ATOMIC_DQ`` also dq and dq_prev (float32 atomics). With ``TMA`` (Hopper,
+    16-bit) Q, QP, DO, DQ and DQP are tensor descriptors: the per-query-tile loads and the dq reductions
+    are bulk copies, which keeps the three float32 accumulators and the dq tiles within the register
+    file (sm90_compile.py). The logits have the queries on the M side (``S = q k^T``, BLOCK_M x BLOCK_N),
+    so 8 warps split BLOCK_M = 128 rows without computing any tile twice. The products per (query tile,
+    key tile) pair, marked ``# product i`` below: the logits over the concatenated head dim (1-2: the
+    residual half ``q_prev . k_prev^T`` scaled by the gate ``r`` in float32, then ``q . k^T`` into the
+    same accumulator), dv (3), dP (4), dk (5), dk_prev (6), dq (7), dq_prev (8). The gate reaches dk_prev
+    through dS (``dk_prev += (r dS)^T q_prev``), so q_prev is used as loaded. Every product has BLOCK_N
+    or BLOCK_M rows."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = (pid_bh // Hkv).to(tl.int64)
+    b = pid_bh // Hkv
+    b64 = b.to(tl.int64)
     hk = pid_bh % Hkv
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, DP)
     mask_n = offs_n < Nk
-    mask_d = offs_d < D
-    mask_nd = mask_n[:, None] & mask_d[None, :]
+    mask_nd = mask_n[:, None] & (offs_d < D)[None, :]
 
-    k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=mask_nd, other=0.0)
-    v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=mask_nd, other=0.0)
+    k = tl.load(K + b64 * skb + hk * skh + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=mask_nd, other=0.0)
+    v = tl.load(V + b64 * svb + hk * svh + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=mask_nd, other=0.0)
     dk = tl.zeros([BLOCK_N, DP], tl.float32)
     dv = tl.zeros([BLOCK_N, DP], tl.float32)
     if HAS_RES:
-        kp = tl.load(KP + b * skpb + hk * skph + offs_n[:, None] * skpn + offs_d[None, :] * skpd, mask=mask_nd, other=0.0)
+        kp = tl.load(KP + b64 * skpb + hk * skph + offs_n[:, None] * skpn + offs_d[None, :] * skpd, mask=mask_nd,
+                     other=0.0)
         dkp = tl.zeros([BLOCK_N, DP], tl.float32)
 
     for g in range(0, GROUP):
         h = hk * GROUP + g
         if HAS_RES:
-            fold = tl.load(TG + b * stgb + h * stgh).to(tl.float32) * ratio  # the gate, folded into q_prev
+            fold = tl.load(TG + b64 * stgb + h * stgh).to(tl.float32) * ratio  # the gate r
         for start_m in range(0, Nq, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             mask_m = offs_m < Nq
-            mask_md = mask_m[:, None] & mask_d[None, :]
-            q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask=mask_md, other=0.0)
-            if QK_ZERO:  # scale == 0: the q . k term vanishes, k_mult = 1 carries the residual alone
-                q = q * 0
-            row = (b * Hq + h) * Nq + offs_m
-            lse2 = tl.load(LSE + b * slb + h * slh + offs_m * sln, mask=mask_m, other=0.0).to(tl.float32) * LOG2E_C
-            delta = tl.load(DELTA + row, mask=mask_m, other=0.0)
-            # transposed logits (BLOCK_N, BLOCK_M): one product over the concatenated head dim
-            st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)  # product 1
+            lse2 = tl.load(LSE + b64 * slb + h * slh + offs_m * sln, mask=mask_m, other=0.0).to(tl.float32) * LOG2E_C
+            delta = tl.load(DELTA + (b64 * Hq + h) * Nq + offs_m, mask=mask_m, other=0.0)
+            # logits (BLOCK_M, BLOCK_N): one product over the concatenated head dim
+            s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
             if HAS_RES:
-                qp = tl.load(QP + b * sqpb + h * sqph + offs_m[:, None] * sqpn + offs_d[None, :] * sqpd,
-                             mask=mask_md, other=0.0)
-                qp = (qp * fold).to(q.dtype)
-                st = tl.dot(kp, tl.trans(qp), st, input_precision=DOT_PREC)  # product 2
-            pt = tl.where(mask_m[None, :] & mask_n[:, None], tl.exp2(st * c_qk - lse2[None, :]), 0.0)
-            do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdon + offs_d[None, :] * sdod, mask=mask_md, other=0.0)
-            dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PREC)  # product 3
-            dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)  # product 4
-            dst = (pt * (dpt - delta[None, :])).to(q.dtype)
-            dk += tl.dot(dst, q, input_precision=DOT_PREC)  # product 5
+                qp = _rows(QP, b, h, start_m, sqpb, sqpn, sqph, sqpd, Nq, D, DP, BLOCK_M, TMA)
+                s = tl.dot(qp, tl.trans(kp), input_precision=DOT_PREC) * fold  # product 2
+            q = _rows(Q, b, h, start_m, sqb, sqn, sqh, sqd, Nq, D, DP, BLOCK_M, TMA)
+            if not QK_ZERO:  # scale == 0: the q . k term vanishes, k_mult = 1 carries the residual alone
+                s = tl.dot(q, tl.trans(k), s, input_precision=DOT_PREC)  # product 1
+            p = tl.where(mask_m[:, None] & mask_n[None, :], tl.exp2(s * c_qk - lse2[:, None]), 0.0)
+            do = _rows(DO, b, h, start_m, sdob, sdon, sdoh, sdod, Nq, D, DP, BLOCK_M, TMA)
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PREC)  # product 3
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)  # product 4
+            ds = p * (dp - delta[:, None])
+            ds16 = ds.to(do.dtype)
+            if not QK_ZERO:
+                dk += tl.dot(tl.trans(ds16), q, input_precision=DOT_PREC)  # product 5
             if HAS_RES:
-                dkp += tl.dot(dst, qp, input_precision=DOT_PREC)  # product 6
-            if ATOMIC_DQ:
-                # DQ, DQP: zeroed contiguous float32 (B, Nq, Hq, D) buffers of dS k and dS k_prev
-                dq_at = DQ + ((b * Nq + offs_m[:, None]) * Hq + h) * D + offs_d[None, :]
-                tl.atomic_add(dq_at, tl.dot(tl.trans(dst), k, input_precision=DOT_PREC), mask=mask_md,  # product 7
-                              sem="relaxed")
+                dkp += tl.dot(tl.trans((ds * fold).to(do.dtype)), qp, input_precision=DOT_PREC)  # product 6
+            if ATOMIC_DQ:  # DQ, DQP: zeroed contiguous float32 (B, Nq, Hq, D) buffers of dS k and dS k_prev
+                _add_rows(DQ, tl.dot(ds16, k, input_precision=DOT_PREC), b, h, start_m, Nq, Hq, D, DP, BLOCK_M,
+                          TMA)  # product 7
                 if HAS_RES:
-                    dqp_at = DQP + ((b * Nq + offs_m[:, None]) * Hq + h) * D + offs_d[None, :]
-                    tl.atomic_add(dqp_at, tl.dot(tl.trans(dst), kp, input_precision=DOT_PREC),  # product 8
-                                  mask=mask_md, sem="relaxed")
+                    _add_rows(DQP, tl.dot(ds16, kp, input_precision=DOT_PREC), b, h, start_m, Nq, Hq, D, DP,
+                              BLOCK_M, TMA)  # product 8
 
     # DK, DV, DKP are fresh contiguous (B, Nk, Hkv, D) buffers
-    out = ((b * Nk + offs_n[:, None]) * Hkv + hk) * D + offs_d[None, :]
+    out = ((b64 * Nk + offs_n[:, None]) * Hkv + hk) * D + offs_d[None, :]
     tl.store(DK + out, (dk * k_mult).to(DK.dtype.element_ty), mask=mask_nd)
     tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=mask_nd)
     if HAS_RES:
@@ -236,10 +273,11 @@ def _dq_kernel(
 # the autotuning on the first call of a shape.
 DKDV_CONFIGS = {
     64: [_cfg(64, 64, 8, 1)],  # 64 x 64 / 8 warps / 2 stages: 8 B of stack
-    128: [_cfg(64, 64, 8, 1), _cfg(64, 64, 8, 2)],
+    128: [_cfg(128, 64, 8, 1), _cfg(64, 64, 8, 1), _cfg(128, 64, 8, 2)],
     256: [_cfg(64, 64, 8, 1)],
     "fp32": [_cfg(32, 32, 4, 1), _cfg(16, 32, 4, 1)],
 }
+DKDV_TMA_CONFIGS = {64: _cfg(128, 64, 8, 2), 128: _cfg(128, 64, 8, 1), 256: _cfg(64, 64, 8, 1)}
 DQ_CONFIGS = {  # deterministic mode only
     64: [_cfg(64, 64, 4, 2), _cfg(128, 64, 8, 2)],
     128: [_cfg(64, 64, 8, 2), _cfg(128, 64, 8, 2)],
@@ -305,10 +343,19 @@ def backward(dout, dlse, q, k, v, q_prev, k_prev, gate, tanh_gate, out_c, lse_c,
     c_qk, ratio = _fwd.logit_factors(scale, prev_scale)
     k_mult = scale if scale != 0 else 1.0
     consts = dict(D=d, DP=dp, HAS_RES=has_res, QK_ZERO=scale == 0, DOT_PREC=dot_prec)
-    launch(_dkdv_kernel, _dkdv_tuned, lambda meta: (triton.cdiv(nk, meta["BLOCK_N"]), b * hkv), dp,
-           (q, k, v, qp, kp, tg, dout, lse, delta, dk, dv, dkp if has_res else dk, dq_raw,
-            dqp_raw if has_res else dq_raw, *strides, nq, nk, hq, hkv, hq // hkv, c_qk, k_mult, ratio),
-           dict(consts, ATOMIC_DQ=atomic))
+    dkdv_args = [q, k, v, qp, kp, tg, dout, lse, delta, dk, dv, dkp if has_res else dk, dq_raw,
+                 dqp_raw if has_res else dq_raw, *strides, nq, nk, hq, hkv, hq // hkv, c_qk, k_mult, ratio]
+    dkdv_grid = lambda meta: (triton.cdiv(nk, meta["BLOCK_N"]), b * hkv)  # noqa: E731
+    if _tma.enabled(q):  # one config (no autotuning: nothing to re-zero between trials)
+        config = DKDV_TMA_CONFIGS[min(max(dp, 64), 256)]
+        bm = (_fwd.INTERPRET_BLOCKS if _backend.INTERPRET else config.kwargs)["BLOCK_M"]
+        for i in (0, 3, 6, 12, 13):  # Q, QP, DO, DQ, DQP
+            dkdv_args[i] = _tma.rows(_tma.addressable(dkdv_args[i]), bm, dp)
+        blocks = dict(_fwd.INTERPRET_BLOCKS) if _backend.INTERPRET else \
+            dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+        _dkdv_kernel[dkdv_grid(blocks)](*dkdv_args, **consts, ATOMIC_DQ=atomic, TMA=True, **blocks)
+    else:
+        launch(_dkdv_kernel, _dkdv_tuned, dkdv_grid, dp, dkdv_args, dict(consts, ATOMIC_DQ=atomic, TMA=False))
     if not atomic:
         launch(_dq_kernel, _dq_tuned, lambda meta: (triton.cdiv(nq, meta["BLOCK_M"]), b * hq), dp,
                (q, k, v, qp, kp, tg, dout, lse, delta, dq_raw, dqp_raw if has_res else dq_raw, *strides,

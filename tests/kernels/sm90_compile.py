@@ -47,6 +47,7 @@ from triton.runtime.jit import JITFunction, create_function_from_signature  # no
 
 from latte_kernels import _residual_attention_bwd as rbwd  # noqa: E402
 from latte_kernels import _residual_attention_fwd as rfwd  # noqa: E402
+from latte_kernels import _tma  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 SHARED_LIMIT = 227 * 1024  # the H100's per-block opt-in maximum
@@ -79,14 +80,15 @@ def _record_tuned(self, *args, **kwargs):
 
 def record(case, fn, *a, **kw):
     """Runs the launcher ``fn`` with every Triton launch replaced by the recorder."""
-    saved = JITFunction.run, Autotuner.run
+    saved = JITFunction.run, Autotuner.run, _tma.enabled
     JITFunction.run, Autotuner.run = _record_jit, _record_tuned
+    _tma.enabled = lambda t: _tma.TensorDescriptor is not None and t.dtype in _tma._DTYPES  # the target is sm_90
     _CASE[0] = case
     try:
         with torch.no_grad():
             fn(*a, **kw)
     finally:
-        JITFunction.run, Autotuner.run = saved
+        JITFunction.run, Autotuner.run, _tma.enabled = saved
 
 
 def _t(*shape, dtype):
@@ -233,7 +235,7 @@ def compile_one(index) -> Row:
     launch, config = _JOBS[index]
     name = launch.kernel.fn.__name__
     d = int(launch.kwargs.get("D", 0))
-    dtype = str(launch.args[0].dtype).split(".")[-1].replace("bfloat16", "bf16").replace("float16", "fp16") \
+    dtype = str(launch.args[1].dtype).split(".")[-1].replace("bfloat16", "bf16").replace("float16", "fp16") \
         .replace("float32", "fp32")
     try:
         src, options = specialise(launch, config)

@@ -1,0 +1,42 @@
+"""Tensor descriptors (TMA, Hopper's bulk copy engine) for the residual-attention kernels.
+
+On sm_90 and newer the per-tile loads of the (B, N, H, D) operands and the float32 dq reductions go
+through tensor descriptors: the copy engine moves a whole tile between global and shared memory, so
+no per-element addresses, masks or staging registers exist (bounds are the descriptor's: rows past N
+and columns past D read as 0 and are dropped on writes). That is what keeps the key-major backward at
+D=128 within the register file (``tests/kernels/sm90_compile.py``). Older GPUs, float32 and the CPU
+interpreter take the pointer path of the same kernels.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _backend
+
+try:  # Triton >= 3.4 (3.6 on the GPU machine, 3.9 in CI)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older Triton: pointer path only
+    TensorDescriptor = None
+
+_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def enabled(t: torch.Tensor) -> bool:
+    """Whether the kernels on ``t`` (a CUDA tensor of the call) take the descriptor path."""
+    return (TensorDescriptor is not None and not _backend.INTERPRET and t.is_cuda and t.dtype in _DTYPES
+            and torch.cuda.get_device_capability(t.device)[0] >= 9)
+
+
+def addressable(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when a descriptor can address it (unit last stride, 16-byte aligned base and
+    strides), else a contiguous copy (one O(N) pass)."""
+    size = t.element_size()
+    if t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(s * size % 16 == 0 for s in t.stride()[:-1]):
+        return t
+    return t.contiguous()
+
+
+def rows(t: torch.Tensor, block_m: int, dp: int):
+    """A descriptor of the (B, N, H, D) tensor ``t`` whose block is ``block_m`` rows of one head,
+    ``dp`` (the power-of-two padded head dim) wide."""
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, block_m, 1, dp])

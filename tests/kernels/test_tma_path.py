@@ -1,0 +1,75 @@
+"""The tensor-descriptor (TMA) path of the residual-attention backward, which Hopper GPUs take, run on
+CPU through the interpreter: the same gradients as the float64 reference for odd sizes, GQA, state,
+RoPE, a padded head dim and non-contiguous inputs (copied to an addressable layout first). The
+interpreter has no bulk reduction; the fixture adds one (load, add, store: the interpreter runs one
+program at a time, so that is the reduction's result)."""
+import numpy as np
+import pytest
+import torch
+
+import latte_kernels as lk
+from latte_kernels import _tma
+from latte_kernels import reference as ref
+from test_residual_attention import as_f64, assert_close, case, grads, leaves, names_of, needs_kernel
+
+f64 = torch.float64
+pytestmark = [needs_kernel, pytest.mark.skipif(_tma.TensorDescriptor is None, reason="Triton without tensor descriptors")]
+
+
+@pytest.fixture
+def descriptor_path(monkeypatch):
+    from triton.runtime import interpreter
+
+    def create_descriptor_reduce(self, kind, desc, value, indices):
+        ptrs, mask = desc.materialize_pointers(indices)
+        old = self.create_masked_load(ptrs, mask, None, None, False)
+        return self.create_masked_store(ptrs, interpreter.TensorHandle(old.data + value.data, old.dtype), mask, None)
+
+    if not hasattr(interpreter.InterpreterBuilder, "create_descriptor_reduce"):
+        monkeypatch.setattr(interpreter.InterpreterBuilder, "create_descriptor_reduce", create_descriptor_reduce,
+                            raising=False)
+    taken = []
+    monkeypatch.setattr(_tma, "enabled", lambda t: taken.append(t.shape) or True)
+    return taken
+
+
+@pytest.mark.parametrize("b,nq,nk,hq,hkv,d,opts", [
+    (2, 77, 63, 6, 1, 32, dict()),
+    (1, 130, 77, 4, 2, 40, dict(state=True)),  # head dim padded to 64: columns past D read as 0
+    (2, 63, 63, 2, 2, 24, dict(rope=True, noncontig=True)),
+    (1, 77, 130, 6, 3, 64, dict(noncontig=True)),
+    (1, 20, 9, 2, 1, 16, dict(res=False)),
+])
+def test_descriptor_path_gradients_match_reference(descriptor_path, b, nq, nk, hq, hkv, d, opts):
+    args, kw = case(b, nq, nk, hq, hkv, d, **opts)
+    d_out, d_lse = torch.randn(b, nq, hq, d, dtype=f64), torch.randn(b, hq, nq, dtype=f64)
+    _, _, got = grads(lk.residual_attention, args, kw, d_out, d_lse)
+    _, _, want = grads(ref.residual_attention, *as_f64(args, kw), d_out, d_lse)
+    assert descriptor_path, "the backward did not take the descriptor path"
+    for name, g, w, x in zip(names_of(kw), got, want, leaves(args, kw)):
+        assert g.dtype == x.dtype and g.shape == x.shape, name
+        assert_close(g, w, torch.float32, f"d{name}")
+
+
+def test_descriptor_path_float16(descriptor_path):
+    args, kw = case(1, 63, 77, 4, 2, 32, state=True, dtype=torch.float16)
+    d_out, d_lse = torch.randn(1, 63, 4, 32, dtype=f64), torch.randn(1, 4, 63, dtype=f64)
+    _, _, got = grads(lk.residual_attention, args, kw, d_out, d_lse)
+    _, _, want = grads(ref.residual_attention, *as_f64(args, kw), d_out, d_lse)
+    for name, g, w in zip(names_of(kw), got, want):
+        assert_close(g, w, torch.float16, f"d{name}")
+
+
+def test_addressable_copies_only_what_a_descriptor_cannot_address():
+    x = torch.randn(2, 5, 3, 16)
+    assert lk_same(_tma.addressable(x), x)
+    assert lk_same(_tma.addressable(x[:, 1:]), x[:, 1:])  # row offset: 3 * 16 * 4 bytes, aligned
+    assert lk_same(_tma.addressable(x.transpose(1, 2)[..., :8].transpose(1, 2)), x.transpose(1, 2)[..., :8].transpose(1, 2))
+    odd = torch.randn(2, 5, 3, 10)[..., :8]  # a row of 10 floats: 40-byte strides
+    for view in (x[..., 1:9], odd, x.transpose(-1, -2)):  # misaligned base, misaligned strides, strided last dim
+        got = _tma.addressable(view)
+        assert got.data_ptr() != view.data_ptr() and got.is_contiguous() and torch.equal(got, view)
+
+
+def lk_same(a, b):
+    return a.data_ptr() == b.data_ptr() and a.stride() == b.stride()
