@@ -81,39 +81,6 @@ def _rows_kernel(
 
 
 @triton.jit
-def _rows(X, b, h, start_m, sb, sn, sh, sd, N, D: tl.constexpr, DP: tl.constexpr, BLOCK_M: tl.constexpr,
-          TMA: tl.constexpr):
-    """Rows ``start_m ..`` of head ``h`` of batch ``b`` of a (B, N, H, D) tensor as a (BLOCK_M, DP) tile,
-    0 past ``N`` and ``D``: with ``TMA`` ``X`` is a tensor descriptor of block (1, BLOCK_M, 1, DP) and the
-    tile lands in shared memory without passing through registers; else masked pointer loads."""
-    if TMA:
-        x = tl.reshape(X.load([b, start_m, h, 0]), [BLOCK_M, DP])
-    else:
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, DP)
-        mask = (offs_m < N)[:, None] & (offs_d < D)[None, :]
-        x = tl.load(X + b.to(tl.int64) * sb + h * sh + offs_m[:, None] * sn + offs_d[None, :] * sd, mask=mask,
-                    other=0.0)
-    return x
-
-
-@triton.jit
-def _add_rows(X, x, b, h, start_m, N, H, D: tl.constexpr, DP: tl.constexpr, BLOCK_M: tl.constexpr,
-              TMA: tl.constexpr):
-    """Atomically adds the float32 (BLOCK_M, DP) tile ``x`` into rows ``start_m ..`` of head ``h`` of batch
-    ``b`` of a contiguous (B, N, H, D) buffer, dropping what falls past ``N`` or ``D``: with ``TMA`` one
-    bulk reduction from shared memory (``X`` a descriptor), else per-element float32 atomics."""
-    if TMA:
-        X.atomic_add([b, start_m, h, 0], tl.reshape(x, [1, BLOCK_M, 1, DP]))
-    else:
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, DP)
-        mask = (offs_m < N)[:, None] & (offs_d < D)[None, :]
-        at = X + (b.to(tl.int64) * N * H + h) * D + offs_m[:, None] * (H * D) + offs_d[None, :]
-        tl.atomic_add(at, x, mask=mask, sem="relaxed")
-
-
-@triton.jit
 def _dkdv_kernel(
     Q, K, V, QP, KP, TG, DO, LSE, DELTA, DK, DV, DKP, DQ, DQP,
     sqb, sqn, sqh, sqd,
@@ -166,18 +133,20 @@ def _dkdv_kernel(
         for start_m in range(0, Nq, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             mask_m = offs_m < Nq
-            lse2 = tl.load(LSE + b64 * slb + h * slh + offs_m * sln, mask=mask_m, other=0.0).to(tl.float32) * LOG2E_C
+            # rows past Nq: lse = +inf gives them P = 0 (their q and dO tiles read as 0)
+            lse2 = tl.load(LSE + b64 * slb + h * slh + offs_m * sln, mask=mask_m, other=float("inf")).to(tl.float32) \
+                * LOG2E_C
             delta = tl.load(DELTA + (b64 * Hq + h) * Nq + offs_m, mask=mask_m, other=0.0)
             # logits (BLOCK_M, BLOCK_N): one product over the concatenated head dim
             s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
             if HAS_RES:
-                qp = _rows(QP, b, h, start_m, sqpb, sqpn, sqph, sqpd, Nq, D, DP, BLOCK_M, TMA)
+                qp = _tma.rows(QP, b, h, start_m, sqpb, sqpn, sqph, sqpd, Nq, D, DP, BLOCK_M, TMA)
                 s = tl.dot(qp, tl.trans(kp), input_precision=DOT_PREC) * fold  # product 2
-            q = _rows(Q, b, h, start_m, sqb, sqn, sqh, sqd, Nq, D, DP, BLOCK_M, TMA)
+            q = _tma.rows(Q, b, h, start_m, sqb, sqn, sqh, sqd, Nq, D, DP, BLOCK_M, TMA)
             if not QK_ZERO:  # scale == 0: the q . k term vanishes, k_mult = 1 carries the residual alone
                 s = tl.dot(q, tl.trans(k), s, input_precision=DOT_PREC)  # product 1
-            p = tl.where(mask_m[:, None] & mask_n[None, :], tl.exp2(s * c_qk - lse2[:, None]), 0.0)
-            do = _rows(DO, b, h, start_m, sdob, sdon, sdoh, sdod, Nq, D, DP, BLOCK_M, TMA)
+            p = tl.where(mask_n[None, :], tl.exp2(s * c_qk - lse2[:, None]), 0.0)
+            do = _tma.rows(DO, b, h, start_m, sdob, sdon, sdoh, sdod, Nq, D, DP, BLOCK_M, TMA)
             dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PREC)  # product 3
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)  # product 4
             ds = p * (dp - delta[:, None])
@@ -187,10 +156,10 @@ def _dkdv_kernel(
             if HAS_RES:
                 dkp += tl.dot(tl.trans((ds * fold).to(do.dtype)), qp, input_precision=DOT_PREC)  # product 6
             if ATOMIC_DQ:  # DQ, DQP: zeroed contiguous float32 (B, Nq, Hq, D) buffers of dS k and dS k_prev
-                _add_rows(DQ, tl.dot(ds16, k, input_precision=DOT_PREC), b, h, start_m, Nq, Hq, D, DP, BLOCK_M,
+                _tma.add_rows(DQ, tl.dot(ds16, k, input_precision=DOT_PREC), b, h, start_m, Nq, Hq, D, DP, BLOCK_M,
                           TMA)  # product 7
                 if HAS_RES:
-                    _add_rows(DQP, tl.dot(ds16, kp, input_precision=DOT_PREC), b, h, start_m, Nq, Hq, D, DP,
+                    _tma.add_rows(DQP, tl.dot(ds16, kp, input_precision=DOT_PREC), b, h, start_m, Nq, Hq, D, DP,
                               BLOCK_M, TMA)  # product 8
 
     # DK, DV, DKP are fresh contiguous (B, Nk, Hkv, D) buffers
@@ -267,13 +236,14 @@ def _dq_kernel(
 
 
 # Tiles: every product has BLOCK_M or BLOCK_N rows on its M side, so both are >= 64 for 16-bit inputs
-# (wgmma needs 64; a 32-row side compiles to mma.sync). The lists hold only configs that the JIT-faithful
-# sm_90 compile (tests/kernels/sm90_compile.py, NOTES.md) finds within 227 KiB of shared memory; at
-# D=128 the key-major pass still spills 344-392 B (owed, bounded there). Kept short: every user pays
-# the autotuning on the first call of a shape.
+# (wgmma needs 64; a 32-row side compiles to mma.sync). Hopper takes the descriptor path with one
+# config per head-dim class (DKDV_TMA_CONFIGS: spill-free at D=64 and 128 in the JIT-faithful sm_90
+# compile of Triton 3.6 and 3.9, tests/kernels/sm90_compile.py, NOTES.md; D=256 only fits shared
+# memory); the autotuned pointer path (DKDV_CONFIGS) serves older GPUs and float32. Kept short: every
+# user pays the autotuning on the first call of a shape.
 DKDV_CONFIGS = {
-    64: [_cfg(64, 64, 8, 1)],  # 64 x 64 / 8 warps / 2 stages: 8 B of stack
-    128: [_cfg(128, 64, 8, 1), _cfg(64, 64, 8, 1), _cfg(128, 64, 8, 2)],
+    64: [_cfg(64, 64, 8, 1)],
+    128: [_cfg(128, 64, 8, 1), _cfg(64, 64, 8, 1)],
     256: [_cfg(64, 64, 8, 1)],
     "fp32": [_cfg(32, 32, 4, 1), _cfg(16, 32, 4, 1)],
 }
@@ -350,7 +320,7 @@ def backward(dout, dlse, q, k, v, q_prev, k_prev, gate, tanh_gate, out_c, lse_c,
         config = DKDV_TMA_CONFIGS[min(max(dp, 64), 256)]
         bm = (_fwd.INTERPRET_BLOCKS if _backend.INTERPRET else config.kwargs)["BLOCK_M"]
         for i in (0, 3, 6, 12, 13):  # Q, QP, DO, DQ, DQP
-            dkdv_args[i] = _tma.rows(_tma.addressable(dkdv_args[i]), bm, dp)
+            dkdv_args[i] = _tma.descriptor(_tma.addressable(dkdv_args[i]), bm, dp)
         blocks = dict(_fwd.INTERPRET_BLOCKS) if _backend.INTERPRET else \
             dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
         _dkdv_kernel[dkdv_grid(blocks)](*dkdv_args, **consts, ATOMIC_DQ=atomic, TMA=True, **blocks)

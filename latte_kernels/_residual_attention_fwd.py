@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _autotune, _backend
+from . import _autotune, _backend, _tma
 
 LOG2E = 1.4426950408889634
 # kernels may read only constexpr globals
@@ -53,6 +53,31 @@ def rope_tile(x, base, offs_n, offs_d, stride_n, stride_d, mask, INVF, GW, D: tl
         sign = tl.where(lower, -1.0, 1.0)
     out = x.to(tl.float32) * tl.cos(angle) + sign[None, :] * xp.to(tl.float32) * tl.sin(angle)
     return out.to(x.dtype)
+
+
+@triton.jit
+def rope_rows(base, offs_n, mask_n, stride_n, stride_d, INVF, GW, D: tl.constexpr):
+    """Rows ``offs_n`` of one head (``base``: its first element), loaded and rotated by 2D RoPE as
+    ``rope_tile`` does, for a power-of-two ``D``: the two halves are loaded as (rows, D/2) tiles and
+    rotated against each other, so the angles, cos and sin exist once per pair (half of ``rope_tile``'s
+    registers), then joined back into a (rows, D) tile."""
+    P: tl.constexpr = D // 2
+    QD: tl.constexpr = D // 4
+    j = tl.arange(0, P)
+    at = base + offs_n[:, None] * stride_n + j[None, :] * stride_d
+    lo = tl.load(at, mask=mask_n[:, None], other=0.0)
+    hi = tl.load(at + P * stride_d, mask=mask_n[:, None], other=0.0)
+    row = offs_n // GW
+    col = offs_n - row * GW
+    pos = tl.where((j < QD)[None, :], row[:, None], col[:, None]).to(tl.float32)
+    angle = pos * tl.load(INVF + (j % QD))[None, :]
+    cos = tl.cos(angle)
+    sin = tl.sin(angle)
+    lo32 = lo.to(tl.float32)
+    hi32 = hi.to(tl.float32)
+    out_lo = (lo32 * cos - hi32 * sin).to(lo.dtype)
+    out_hi = (hi32 * cos + lo32 * sin).to(lo.dtype)
+    return tl.reshape(tl.permute(tl.join(out_lo, out_hi), (0, 2, 1)), [offs_n.shape[0], D])
 
 
 @triton.jit
@@ -90,7 +115,7 @@ def _fwd_kernel(
     c_qk, ratio,
     D: tl.constexpr, DP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_RES: tl.constexpr, HAS_STATE: tl.constexpr, ROPE: tl.constexpr, QK_ZERO: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    TMA: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -107,18 +132,21 @@ def _fwd_kernel(
 
     # q (and q_prev) stay resident for the whole key loop
     q_base = Q + b64 * sqb + h * sqh
-    q = tl.load(q_base + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask=mask_md, other=0.0)
-    if ROPE:
-        q = rope_tile(q, q_base, offs_m, offs_d, sqn, sqd, mask_md, INVF, GW, D)
-    if QK_ZERO:  # scale == 0: the q . k term vanishes (c_qk then carries log2(e) alone)
-        q = q * 0
+    if ROPE and D == DP:
+        q = rope_rows(q_base, offs_m, mask_m, sqn, sqd, INVF, GW, D)
+    else:
+        q = tl.load(q_base + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask=mask_md, other=0.0)
+        if ROPE:
+            q = rope_tile(q, q_base, offs_m, offs_d, sqn, sqd, mask_md, INVF, GW, D)
     if HAS_RES:
         qp_base = QP + b64 * sqpb + h * sqph
-        qp = tl.load(qp_base + offs_m[:, None] * sqpn + offs_d[None, :] * sqpd, mask=mask_md, other=0.0)
-        if ROPE:
-            qp = rope_tile(qp, qp_base, offs_m, offs_d, sqpn, sqpd, mask_md, INVF, GW, D)
-        # the gate folded into the query-side operand once: S = c_qk [q, r q_prev] . [k, k_prev]^T
-        qp = (qp * (tl.load(TG + b64 * stgb + h * stgh).to(tl.float32) * ratio)).to(q.dtype)
+        if ROPE and D == DP:
+            qp = rope_rows(qp_base, offs_m, mask_m, sqpn, sqpd, INVF, GW, D)
+        else:
+            qp = tl.load(qp_base + offs_m[:, None] * sqpn + offs_d[None, :] * sqpd, mask=mask_md, other=0.0)
+            if ROPE:
+                qp = rope_tile(qp, qp_base, offs_m, offs_d, sqpn, sqpd, mask_md, INVF, GW, D)
+        fold = tl.load(TG + b64 * stgb + h * stgh).to(tl.float32) * ratio  # the gate r, applied to <q_prev, k_prev>
 
     # The online softmax starts from the given state: its max is lse_c, its sum 1 (an empty state,
     # lse_c = -inf, contributes nothing). Its output joins in the epilogue, scaled like the
@@ -132,26 +160,24 @@ def _fwd_kernel(
         m_state = m_i
     acc = tl.zeros([BLOCK_M, DP], tl.float32)
 
-    k_base = K + b64 * skb + hk * skh
-    v_base = V + b64 * svb + hk * svh
-    if HAS_RES:
-        kp_base = KP + b64 * skpb + hk * skph
     for start_n in range(0, Nk, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         mask_n = offs_n < Nk
-        mask_nd = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=mask_nd, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-        if HAS_RES:  # the second half of the one logits product over the concatenated head dim
-            kp = tl.load(kp_base + offs_n[:, None] * skpn + offs_d[None, :] * skpd, mask=mask_nd, other=0.0)
-            s = tl.dot(qp, tl.trans(kp), s, input_precision=DOT_PREC)
+        # logits: one product over the concatenated head dim, the residual half scaled by r in float32
+        s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        if HAS_RES:
+            kp = _tma.rows(KP, b, hk, start_n, skpb, skpn, skph, skpd, Nk, D, DP, BLOCK_N, TMA)
+            s = tl.dot(qp, tl.trans(kp), input_precision=DOT_PREC) * fold
+        if not QK_ZERO:  # scale == 0: the q . k term vanishes (c_qk then carries log2(e) alone)
+            k = _tma.rows(K, b, hk, start_n, skb, skn, skh, skd, Nk, D, DP, BLOCK_N, TMA)
+            s = tl.dot(q, tl.trans(k), s, input_precision=DOT_PREC)
         s = tl.where(mask_n[None, :], s * c_qk, float("-inf"))
         # every key tile holds at least one real key, so m_new is finite
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=mask_nd, other=0.0)
+        v = _tma.rows(V, b, hk, start_n, svb, svn, svh, svd, Nk, D, DP, BLOCK_N, TMA)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         m_i = m_new
 
@@ -200,7 +226,17 @@ def _tuned(kernel, configs_by_class, key, reset_to_zero=None):
     return lambda dp, dtype: tuned["fp32" if dtype == torch.float32 else (64 if dp <= 64 else dp)]
 
 
-_fwd_tuned = _tuned(_fwd_kernel, FWD_CONFIGS, key=["Nq", "Nk", "D", "HAS_RES", "HAS_STATE", "ROPE"])
+# Hopper (TMA): K, V, K_prev come through descriptors whose block is (1, BLOCK_N, 1, DP), made before the
+# autotuner runs, so each list keeps one BLOCK_N (FWD_TMA_BLOCK_N).
+FWD_TMA_CONFIGS = {
+    64: [_cfg(128, 128, 8, 3), _cfg(128, 128, 8, 2)],
+    128: [_cfg(128, 64, 8, 3), _cfg(128, 64, 8, 2), _cfg(64, 64, 4, 3)],
+    256: [_cfg(64, 32, 8, 2), _cfg(64, 32, 4, 2)],
+}
+FWD_TMA_BLOCK_N = {dp: cfgs[0].kwargs["BLOCK_N"] for dp, cfgs in FWD_TMA_CONFIGS.items()}
+_FWD_KEY = ["Nq", "Nk", "D", "HAS_RES", "HAS_STATE", "ROPE"]
+_fwd_tuned = _tuned(_fwd_kernel, FWD_CONFIGS, key=_FWD_KEY)
+_fwd_tma_tuned = _tuned(_fwd_kernel, FWD_TMA_CONFIGS, key=_FWD_KEY)
 
 
 def launch(kernel, tuned, grid_fn, dp, args, consts):
@@ -281,5 +317,12 @@ def forward(q, k, v, q_prev, k_prev, tanh_gate, out_c, lse_c, scale, prev_scale,
             *logit_factors(scale, prev_scale))
     consts = dict(D=d, DP=dp, HAS_RES=has_res, HAS_STATE=has_state, ROPE=has_rope, QK_ZERO=scale == 0,
                   DOT_PREC=dot_precision(q.dtype))
-    launch(_fwd_kernel, _fwd_tuned, lambda meta: (triton.cdiv(nq, meta["BLOCK_M"]), b * hq), dp, args, consts)
+    grid = lambda meta: (triton.cdiv(nq, meta["BLOCK_M"]), b * hq)  # noqa: E731
+    tma = _tma.enabled(q)
+    if tma:  # K, V, K_prev tiles by TMA
+        bn = INTERPRET_BLOCKS["BLOCK_N"] if _backend.INTERPRET else FWD_TMA_BLOCK_N[min(max(dp, 64), 256)]
+        args = list(args)
+        for i in (1, 2, 4):  # K, V, KP
+            args[i] = _tma.descriptor(_tma.addressable(args[i]), bn, dp)
+    launch(_fwd_kernel, _fwd_tma_tuned if tma else _fwd_tuned, grid, dp, args, dict(consts, TMA=tma))
     return out, lse

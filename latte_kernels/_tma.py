@@ -10,6 +10,8 @@ interpreter take the pointer path of the same kernels.
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
 from . import _backend
 
@@ -36,7 +38,40 @@ def addressable(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous()
 
 
-def rows(t: torch.Tensor, block_m: int, dp: int):
+def descriptor(t: torch.Tensor, block_m: int, dp: int):
     """A descriptor of the (B, N, H, D) tensor ``t`` whose block is ``block_m`` rows of one head,
     ``dp`` (the power-of-two padded head dim) wide."""
     return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, block_m, 1, dp])
+
+
+@triton.jit
+def rows(X, b, h, start_m, sb, sn, sh, sd, N, D: tl.constexpr, DP: tl.constexpr, BLOCK_M: tl.constexpr,
+          TMA: tl.constexpr):
+    """Rows ``start_m ..`` of head ``h`` of batch ``b`` of a (B, N, H, D) tensor as a (BLOCK_M, DP) tile,
+    0 past ``N`` and ``D``: with ``TMA`` ``X`` is a tensor descriptor of block (1, BLOCK_M, 1, DP) and the
+    tile lands in shared memory without passing through registers; else masked pointer loads."""
+    if TMA:
+        x = tl.reshape(X.load([b, start_m, h, 0]), [BLOCK_M, DP])
+    else:
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, DP)
+        mask = (offs_m < N)[:, None] & (offs_d < D)[None, :]
+        x = tl.load(X + b.to(tl.int64) * sb + h * sh + offs_m[:, None] * sn + offs_d[None, :] * sd, mask=mask,
+                    other=0.0)
+    return x
+
+
+@triton.jit
+def add_rows(X, x, b, h, start_m, N, H, D: tl.constexpr, DP: tl.constexpr, BLOCK_M: tl.constexpr,
+              TMA: tl.constexpr):
+    """Atomically adds the float32 (BLOCK_M, DP) tile ``x`` into rows ``start_m ..`` of head ``h`` of batch
+    ``b`` of a contiguous (B, N, H, D) buffer, dropping what falls past ``N`` or ``D``: with ``TMA`` one
+    bulk reduction from shared memory (``X`` a descriptor), else per-element float32 atomics."""
+    if TMA:
+        X.atomic_add([b, start_m, h, 0], tl.reshape(x, [1, BLOCK_M, 1, DP]))
+    else:
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, DP)
+        mask = (offs_m < N)[:, None] & (offs_d < D)[None, :]
+        at = X + (b.to(tl.int64) * N * H + h) * D + offs_m[:, None] * (H * D) + offs_d[None, :]
+        tl.atomic_add(at, x, mask=mask, sem="relaxed")

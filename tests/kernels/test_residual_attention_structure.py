@@ -39,7 +39,7 @@ def test_backward_does_at_most_8_products_per_tile_pair():
     assert dots.count(3) == 1, "the residual half of the logits accumulates into the first half's result"
     # the default path launches only the key-major pass (dq/dq_prev added by atomics / TMA reductions)
     src = inspect.getsource(bwd._dkdv_kernel.fn)
-    assert src.count("_add_rows(") == 2
+    assert src.count("add_rows(") == 2
     assert all(f"# product {i}" in src for i in range(1, 9))
 
 
@@ -56,8 +56,13 @@ def test_16_bit_tiles_have_64_rows_for_wgmma():
         for d in (64, 128):
             for cfg in table[d]:
                 assert all(cfg.kwargs[s] >= 64 for s in sides), f"{name} D={d}: {cfg}"
-    for table in (fwd.FWD_CONFIGS, bwd.DKDV_CONFIGS, bwd.DQ_CONFIGS):
+    for table in (fwd.FWD_CONFIGS, bwd.DKDV_CONFIGS, bwd.DQ_CONFIGS, fwd.FWD_TMA_CONFIGS):
         assert all(1 <= len(cfgs) <= 4 for cfgs in table.values())  # autotuning is paid on every first call
+    for d in (64, 128):  # Hopper's descriptor path
+        assert all(c.kwargs["BLOCK_M"] >= 64 for c in fwd.FWD_TMA_CONFIGS[d]), d
+        assert min(bwd.DKDV_TMA_CONFIGS[d].kwargs.values()) >= 64, d
+    for dp, cfgs in fwd.FWD_TMA_CONFIGS.items():  # one descriptor block per list
+        assert {c.kwargs["BLOCK_N"] for c in cfgs} == {fwd.FWD_TMA_BLOCK_N[dp]}, dp
 
 
 def test_autotune_max_knob(monkeypatch):
@@ -80,6 +85,7 @@ def test_autotune_max_knob_reaches_every_autotuner():
             "        for dt in (torch.bfloat16, torch.float32):\n"
             "            assert len(t(dp, dt).configs) == 1, (dp, dt)\n"
             "assert f._fwd_tuned(128, torch.bfloat16).configs[0].kwargs == f.FWD_CONFIGS[128][0].kwargs\n"
+            "assert all(len(f._fwd_tma_tuned(dp, torch.bfloat16).configs) == 1 for dp in (64, 128, 256))\n"
             "print('ok')")
     env = dict(os.environ, LATTE_KERNELS_AUTOTUNE_MAX="1", PYTHONPATH=str(root))
     env.pop("TRITON_INTERPRET", None)
