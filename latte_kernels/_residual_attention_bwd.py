@@ -9,18 +9,21 @@ row term ``D_i = rowsum(dO * O) - dLSE_i``; the state's are ``w_c = exp(lse_c - 
 ``dgate = (1 - tanh(g)^2) prev_scale sum_ij dS_ij <q_prev_i, k_prev_j>``. An empty state row
 (``lse_c = -inf``, ``w_c = 0``) discards its ``out_c`` (it may hold NaN) and gets zero gradients.
 
-The logits are one product over the concatenated head dim, ``S = k_mult [q, r q_prev] . [k, k_prev]^T``
-with ``r = tanh(g) prev_scale / scale`` folded into the q_prev operand (``k_mult = scale``; for
-``scale == 0`` the kernels drop q and ``k_mult = 1``, ``r = tanh(g) prev_scale``), so
-``dk = k_mult dS^T q``, ``dk_prev = k_mult sum_h dS_h^T (r q_prev)``; dq, dq_prev are accumulated as
-``dS k`` and ``dS k_prev`` in float32 and scaled afterwards, and
+The logits are one product over the concatenated head dim, ``S = k_mult (q . k^T + r q_prev . k_prev^T)``
+with ``r = tanh(g) prev_scale / scale`` applied to the float32 residual half, as the forward does, so
+``P`` recomputed here is the forward's (``k_mult = scale``; for ``scale == 0`` the kernels skip the
+``q . k`` products and ``k_mult = 1``, ``r = tanh(g) prev_scale``). So ``dk = k_mult dS^T q``,
+``dk_prev = k_mult sum_h (r_h dS_h)^T q_prev``; dq, dq_prev are accumulated as ``dS k`` and
+``dS k_prev`` in float32 and scaled afterwards, and
 ``sum_ij dS_ij <q_prev_i, k_prev_j> = sum_i <q_prev_i, (dS k_prev)_i>`` gives dgate.
 
 Default: two kernels. A row pass (``D_i`` and the state's gradients) and a key-major pass (one program
 per key tile of one kv head, looping over the query heads of its GQA group and all query tiles: dk, dv,
 dk_prev in registers, dq and dq_prev added into zeroed float32 buffers with atomics, as FlashAttention
 2/3 do). That is 8 head_dim-sized products per (query tile, key tile) pair (SPEC 5), marked
-``# product 1..8`` in ``_dkdv_kernel``. The atomics make dq's summation order vary between runs.
+``# product 1..8`` in ``_dkdv_kernel``. The atomics make dq's summation order vary between runs. On
+Hopper (16-bit inputs) the key-major pass takes its query-side tiles and makes its dq additions through
+tensor descriptors (``_tma``: TMA loads, bulk reductions), which is what keeps it spill-free at D=128.
 Deterministic mode (``torch.use_deterministic_algorithms(True)``, see ``deterministic()``): the key-major
 pass skips the atomics and a query-major pass (``_dq_kernel``) recomputes P and writes dq, dq_prev by
 plain stores: bitwise reproducible, 11 products per tile pair. Both recompute ``P`` from ``lse``;

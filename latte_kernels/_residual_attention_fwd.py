@@ -3,9 +3,11 @@
 One program owns ``BLOCK_M`` query rows of one query head and streams the keys of its kv head in
 ``BLOCK_N`` tiles, keeping the running max ``m``, sum ``l`` and the float32 output accumulator in
 registers (online softmax, base-2: ``log2(e)`` is folded into the logit scales). The logits are one
-product over the concatenated head dim, ``[q, r q_prev] . [k, k_prev]^T`` (two ``tl.dot`` into one
-accumulator, ``r = tanh(gate) prev_scale / scale`` folded into ``q_prev`` once per program), so no
-``Nq x Nk`` tensor ever exists. A given state
+product over the concatenated head dim, ``q . k^T + r q_prev . k_prev^T`` (two ``tl.dot`` into one
+accumulator, the residual half scaled by ``r = tanh(gate) prev_scale / scale`` in float32, as the
+backward recomputes it), so no ``Nq x Nk`` tensor ever exists. On Hopper (16-bit inputs) the K, V and
+K_prev tiles come through tensor descriptors (``_tma``: TMA loads, pipelined by Triton), elsewhere
+through pointer loads. With ``rope_grid`` the queries are rotated here, once per program. A given state
 ``(out_c, lse_c)`` is the starting point of the online softmax: ``m = lse_c``, ``l = 1`` (an empty
 state, ``lse_c = -inf``, starts from ``m = -inf``, ``l = 0`` and its ``out_c`` row is discarded, so it
 may hold NaN); ``out_c`` joins the accumulator in the epilogue with the weight ``exp(lse_c - m_final)``
@@ -201,10 +203,11 @@ def _fwd_kernel(
 # residual: the logits over the concatenated 2 x D, then p.v) against (2 + HAS_RES)*BLOCK_N*D*2 bytes
 # of K/V/K_prev loads, i.e. ~BLOCK_M FLOPs/byte from L2: BLOCK_M = 128 puts the kernel well above the
 # H100's ridge point, so it is tensor-core bound. Compiled as the JIT compiles the SPEC 5 call
-# (tests/kernels/sm90_compile.py, NOTES.md), every 16-bit config below uses wgmma, spills nothing
-# (in-kernel RoPE excepted: owed) and fits 227 KiB of shared memory (128 x 64 / 8 / 3 at D=128: 212
-# registers, 209 KiB; 128 x 128 needs 257 KiB). D = 256 and float32 (IEEE dots, 4-byte tiles) take
-# smaller tiles. Autotuning picks per (Nq, Nk, D); LATTE_KERNELS_AUTOTUNE_MAX cuts the lists.
+# (tests/kernels/sm90_compile.py, NOTES.md), every 16-bit config of the Hopper lists (FWD_TMA_CONFIGS)
+# uses wgmma, spills nothing (in-kernel RoPE and state included) and fits 227 KiB of shared memory
+# (128 x 64 / 8 / 3 at D=128: 143 registers, 209 KiB; 128 x 128 needs 257 KiB). FWD_CONFIGS serve the
+# pointer path (older GPUs, float32). D = 256 and float32 (IEEE dots, 4-byte tiles) take smaller tiles.
+# Autotuning picks per (Nq, Nk, D); LATTE_KERNELS_AUTOTUNE_MAX cuts the lists.
 
 def _cfg(bm, bn, w, s):
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)

@@ -5,23 +5,26 @@ and shared memory, and which matrix instructions (wgmma / mma.sync), TMA and cp.
 JIT-faithful: each op's launcher (``forward`` / ``backward`` of the residual-attention modules, and the
 RoPE / merge launchers) runs on ``meta`` tensors of the call's shape with ``JITFunction.run`` and
 ``Autotuner.run`` replaced by a recorder, so the recorded arguments are the launcher's own (strides,
-sizes, scales, constexprs). Each recorded launch is then specialised by the installed Triton's own
-binder (``create_function_from_signature`` + ``JITFunction._pack_args``, the code ``JITFunction.run``
-runs): integers equal to 1 become constants, 16-divisible integers and 16-byte-aligned pointers get
-``tt.divisibility = 16`` (meta tensors have address 0, as aligned as a fresh CUDA allocation). Triton
-3.6 (the GPU machine) and 3.9 both express this through that binder; the compile then goes through
-``triton.compile`` with target ``cuda:90``. Figures come from the cubin (``cuobjdump -res-usage`` from
-Triton's bundled tools: REG, STACK, SHARED) plus Triton's dynamic shared memory, and the instruction
-classes from the PTX.
+sizes, scales, constexprs, and on the 16-bit calls the tensor descriptors of the Hopper path, which
+``_tma.enabled`` is made to take: the target is sm_90). Each recorded launch is then specialised by the
+installed Triton's own binder (``create_function_from_signature`` + ``JITFunction._pack_args``, the code
+``JITFunction.run`` runs): integers equal to 1 become constants, 16-divisible integers and
+16-byte-aligned pointers get ``tt.divisibility = 16`` (meta tensors have address 0, as aligned as a
+fresh CUDA allocation). Triton 3.6 (the GPU machine) and 3.9 both express this through that binder;
+the compile then goes through ``triton.compile`` with target ``cuda:90``. Spills come from ptxas' own
+``-v`` log of that compile (spill stores + loads; the stack frame is reported apart: libdevice's
+sin/cos keep a 28-byte array there, which is not a spill), registers and stack from the cubin
+(``cuobjdump -res-usage`` from Triton's bundled tools), shared memory from Triton's metadata, and the
+instruction classes from the PTX. CI runs it with the installed Triton and with Triton 3.6.
 
     PYTHONPATH=. python tests/kernels/sm90_compile.py                 # the default config of every kernel
     PYTHONPATH=. python tests/kernels/sm90_compile.py --all           # every autotune config
     PYTHONPATH=. python tests/kernels/sm90_compile.py --all --check   # + exit 1 on a SPEC 5 violation
     ... --markdown                                                    # the table NOTES.md holds
 
-``--check`` (run by ``test_sm90_compile.py``) fails when any 16-bit autotune config at D = 64 or 128
-exceeds 227 KiB of shared memory, has stack (spills) or has no wgmma, or a D = 256 config exceeds
-227 KiB. Needs ``TRITON_INTERPRET`` unset.
+``--check`` (run by ``test_sm90_compile.py``) fails when any 16-bit config at D = 64 or 128 exceeds
+227 KiB of shared memory, spills or has no wgmma, or a D = 256 config exceeds 227 KiB. Needs
+``TRITON_INTERPRET`` unset.
 """
 from __future__ import annotations
 
