@@ -78,3 +78,22 @@ def test_addressable_copies_only_what_a_descriptor_cannot_address():
 
 def lk_same(a, b):
     return a.data_ptr() == b.data_ptr() and a.stride() == b.stride()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+                    reason="the descriptor path runs on Hopper or newer")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_descriptor_path_matches_pointer_path(monkeypatch, dtype):
+    """On Hopper both paths compile for the GPU: the same outputs and gradients up to the 16-bit rounding
+    of their different summation orders (the float64 comparisons of either are in test_residual_attention)."""
+    args, kw = case(2, 1000, 1000, 6, 2, 128, state=True, dtype=dtype, device="cuda")
+    d_out = torch.randn(2, 1000, 6, 128, device="cuda", dtype=f64)
+    d_lse = torch.randn(2, 6, 1000, device="cuda", dtype=f64)
+    assert _tma.enabled(args[0])
+    out, lse, gs = grads(lk.residual_attention, args, kw, d_out, d_lse)
+    monkeypatch.setattr(_tma, "enabled", lambda t: False)
+    out_p, lse_p, gs_p = grads(lk.residual_attention, args, kw, d_out, d_lse)
+    for name, a, p in zip(["out", "lse"] + names_of(kw), [out, lse, *gs], [out_p, lse_p, *gs_p]):
+        err = (a.double() - p.double()).abs().max().item() / (p.double().abs().max().item() + 1e-6)
+        assert err < 2e-2, f"{name}: descriptor and pointer paths differ by {err:.2e} of the tensor's scale"
