@@ -1,4 +1,5 @@
 """Helpers the tests share: output poisoning, dtype tolerances, the low-precision error rule."""
+import contextlib
 import os
 
 import torch
@@ -34,3 +35,32 @@ def assert_lowp_close(out, ref_lowp, ref_fp64, factor: float = 2.0, eps: float =
     err = (out.double() - ref_fp64.double()).abs().max().item()
     base = (ref_lowp.double() - ref_fp64.double()).abs().max().item()
     assert err <= factor * base + eps, f"error {err:.3e} > {factor} x PyTorch's {base:.3e} (+{eps})"
+
+
+@contextlib.contextmanager
+def descriptor_path():
+    """Makes the residual-attention kernels take their tensor-descriptor (Hopper) path on any tensor,
+    so the interpreter runs it on CPU; yields the list of shapes the path was taken for. The interpreter
+    executes descriptor loads but has no bulk reduction: one is added as load, add, store (the
+    interpreter runs one program at a time, so that is the reduction's result)."""
+    from triton.runtime import interpreter
+
+    from latte_kernels import _tma
+
+    def create_descriptor_reduce(self, kind, desc, value, indices):
+        ptrs, mask = desc.materialize_pointers(indices)
+        old = self.create_masked_load(ptrs, mask, None, None, False)
+        return self.create_masked_store(ptrs, interpreter.TensorHandle(old.data + value.data, old.dtype), mask, None)
+
+    builder = interpreter.InterpreterBuilder
+    added = not hasattr(builder, "create_descriptor_reduce")
+    if added:
+        builder.create_descriptor_reduce = create_descriptor_reduce
+    taken, enabled = [], _tma.enabled
+    _tma.enabled = lambda t: taken.append(tuple(t.shape)) or True
+    try:
+        yield taken
+    finally:
+        _tma.enabled = enabled
+        if added:
+            del builder.create_descriptor_reduce

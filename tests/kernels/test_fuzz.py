@@ -389,6 +389,9 @@ def test_malformed_calls_raise_value_or_type_errors():
 
 if __name__ == "__main__":
     import argparse
+    import contextlib
+
+    import helpers
 
     from tqdm import tqdm
 
@@ -396,12 +399,15 @@ if __name__ == "__main__":
     parser.add_argument("--cases", type=int, default=3000)
     parser.add_argument("--malformed", type=int, default=1000)
     parser.add_argument("--start", type=int, default=1000)
+    parser.add_argument("--descriptors", action="store_true",
+                        help="the residual-attention kernels' Hopper (TMA) path, on CPU under TRITON_INTERPRET=1")
     ns = parser.parse_args()
     fails = []
-    for s in tqdm(range(ns.start, ns.start + ns.cases), desc="random calls"):
-        name, problems = check_case(s)
-        if problems:
-            fails.append((s, name, problems))
+    with helpers.descriptor_path() if ns.descriptors else contextlib.nullcontext():
+        for s in tqdm(range(ns.start, ns.start + ns.cases), desc="random calls"):
+            name, problems = check_case(s)
+            if problems:
+                fails.append((s, name, problems))
     bad = [p for p in (check_malformed(s) for s in tqdm(range(ns.start, ns.start + ns.malformed), desc="malformed")) if p]
     print(f"random calls: {ns.cases - len(fails)}/{ns.cases} agree; malformed: {ns.malformed - len(bad)}/{ns.malformed} "
           f"raise ValueError/TypeError")

@@ -1,12 +1,11 @@
-"""The tensor-descriptor (TMA) path of the residual-attention backward, which Hopper GPUs take, run on
-CPU through the interpreter: the same gradients as the float64 reference for odd sizes, GQA, state,
-RoPE, a padded head dim and non-contiguous inputs (copied to an addressable layout first). The
-interpreter has no bulk reduction; the fixture adds one (load, add, store: the interpreter runs one
-program at a time, so that is the reduction's result)."""
-import numpy as np
+"""The tensor-descriptor (TMA) path of the residual-attention kernels, which Hopper GPUs take, run on
+CPU through the interpreter (``helpers.descriptor_path``): the same outputs and gradients as the float64
+reference for odd sizes, GQA, state, RoPE, a padded head dim, scale 0 and non-contiguous inputs (copied
+to an addressable layout first); on a Hopper GPU, the same results as the pointer path."""
 import pytest
 import torch
 
+import helpers
 import latte_kernels as lk
 from latte_kernels import _tma
 from latte_kernels import reference as ref
@@ -17,20 +16,9 @@ pytestmark = [needs_kernel, pytest.mark.skipif(_tma.TensorDescriptor is None, re
 
 
 @pytest.fixture
-def descriptor_path(monkeypatch):
-    from triton.runtime import interpreter
-
-    def create_descriptor_reduce(self, kind, desc, value, indices):
-        ptrs, mask = desc.materialize_pointers(indices)
-        old = self.create_masked_load(ptrs, mask, None, None, False)
-        return self.create_masked_store(ptrs, interpreter.TensorHandle(old.data + value.data, old.dtype), mask, None)
-
-    if not hasattr(interpreter.InterpreterBuilder, "create_descriptor_reduce"):
-        monkeypatch.setattr(interpreter.InterpreterBuilder, "create_descriptor_reduce", create_descriptor_reduce,
-                            raising=False)
-    taken = []
-    monkeypatch.setattr(_tma, "enabled", lambda t: taken.append(t.shape) or True)
-    return taken
+def descriptor_path():
+    with helpers.descriptor_path() as taken:
+        yield taken
 
 
 @pytest.mark.parametrize("b,nq,nk,hq,hkv,d,opts", [
