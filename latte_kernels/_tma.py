@@ -30,10 +30,13 @@ def enabled(t: torch.Tensor) -> bool:
 
 
 def addressable(t: torch.Tensor) -> torch.Tensor:
-    """``t`` itself when a descriptor can address it (unit last stride, 16-byte aligned base and
-    strides), else a contiguous copy (one O(N) pass)."""
+    """``t`` itself when a descriptor can address it (unit last stride; 16-byte aligned base; positive,
+    16-byte aligned strides below 2^40 bytes: an expanded dimension's stride 0 is not one), else a
+    contiguous copy (one O(N) pass)."""
     size = t.element_size()
-    if t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(s * size % 16 == 0 for s in t.stride()[:-1]):
+    outer = [(s * size, n) for s, n in zip(t.stride()[:-1], t.shape[:-1])]
+    if t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and \
+            all(b % 16 == 0 and (0 < b < 2 ** 40 or n == 1) for b, n in outer):
         return t
     return t.contiguous()
 

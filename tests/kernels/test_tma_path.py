@@ -59,7 +59,8 @@ def test_addressable_copies_only_what_a_descriptor_cannot_address():
     assert lk_same(_tma.addressable(x[:, 1:]), x[:, 1:])  # row offset: 3 * 16 * 4 bytes, aligned
     assert lk_same(_tma.addressable(x.transpose(1, 2)[..., :8].transpose(1, 2)), x.transpose(1, 2)[..., :8].transpose(1, 2))
     odd = torch.randn(2, 5, 3, 10)[..., :8]  # a row of 10 floats: 40-byte strides
-    for view in (x[..., 1:9], odd, x.transpose(-1, -2)):  # misaligned base, misaligned strides, strided last dim
+    expanded = torch.randn(2, 5, 1, 16).expand(2, 5, 3, 16)  # stride 0 over the heads
+    for view in (x[..., 1:9], odd, x.transpose(-1, -2), expanded):  # misaligned base / strides, strided last dim
         got = _tma.addressable(view)
         assert got.data_ptr() != view.data_ptr() and got.is_contiguous() and torch.equal(got, view)
 
