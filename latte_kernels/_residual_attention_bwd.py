@@ -246,8 +246,8 @@ def _dq_kernel(
 # user pays the autotuning on the first call of a shape.
 DKDV_CONFIGS = {
     64: [_cfg(64, 64, 8, 1)],
-    128: [_cfg(128, 64, 8, 1), _cfg(64, 64, 8, 1)],
-    256: [_cfg(64, 64, 8, 1)],
+    128: [_cfg(64, 64, 8, 2), _cfg(64, 64, 8, 1)],
+    256: [_cfg(64, 64, 8, 1), _cfg(32, 32, 4, 1)],  # the second for GPUs with <= 163 KiB (A100)
     "fp32": [_cfg(32, 32, 4, 1), _cfg(16, 32, 4, 1)],
 }
 DKDV_TMA_CONFIGS = {64: _cfg(128, 64, 8, 2), 128: _cfg(128, 64, 8, 1), 256: _cfg(64, 64, 8, 1)}

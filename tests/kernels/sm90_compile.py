@@ -21,6 +21,7 @@ instruction classes from the PTX. CI runs it with the installed Triton and with 
     PYTHONPATH=. python tests/kernels/sm90_compile.py --all           # every autotune config
     PYTHONPATH=. python tests/kernels/sm90_compile.py --all --check   # + exit 1 on a SPEC 5 violation
     ... --markdown                                                    # the table NOTES.md holds
+    ... --arch 80                                                     # the A100's pointer path instead
 
 ``--check`` (run by ``test_sm90_compile.py``) fails when any 16-bit config at D = 64 or 128 exceeds
 227 KiB of shared memory, spills or has no wgmma, or a D = 256 config exceeds 227 KiB. Needs
@@ -57,8 +58,8 @@ from latte_kernels import _residual_attention_bwd as rbwd  # noqa: E402
 from latte_kernels import _residual_attention_fwd as rfwd  # noqa: E402
 from latte_kernels import _tma  # noqa: E402
 
-TARGET = GPUTarget("cuda", 90, 32)
-SHARED_LIMIT = 227 * 1024  # the H100's per-block opt-in maximum
+TARGET = GPUTarget("cuda", 90, 32)  # --arch 80: the A100, whose calls take the pointer path
+SHARED_LIMITS = {90: 227 * 1024, 80: 163 * 1024}  # per-block opt-in maximum: H100/H200, A100
 SPEC5 = dict(b=4, n=4096, hq=12, hkv=2)
 
 
@@ -90,7 +91,7 @@ def record(case, fn, *a, **kw):
     """Runs the launcher ``fn`` with every Triton launch replaced by the recorder."""
     saved = JITFunction.run, Autotuner.run, _tma.enabled
     JITFunction.run, Autotuner.run = _record_jit, _record_tuned
-    _tma.enabled = lambda t: _tma.TensorDescriptor is not None and t.dtype in _tma._DTYPES  # the target is sm_90
+    _tma.enabled = lambda t: TARGET.arch >= 90 and _tma.TensorDescriptor is not None and t.dtype in _tma._DTYPES
     _CASE[0] = case
     try:
         with torch.no_grad():
@@ -198,12 +199,13 @@ class Row:
         if self.error:
             return [self.error]
         out = []
-        if self.shared > SHARED_LIMIT:
-            out.append(f"{self.shared} B shared > {SHARED_LIMIT}")
+        limit = SHARED_LIMITS[TARGET.arch]
+        if self.shared > limit:
+            out.append(f"{self.shared} B shared > {limit}")
         if self.d <= 128 and self.dtype != "fp32" and self.kernel in MATRIX_KERNELS:
             if self.spill:
                 out.append(f"{self.spill} B of spill stores + loads")
-            if not self.wgmma:
+            if not self.wgmma and TARGET.arch >= 90:
                 out.append(f"no wgmma (mma.sync x{self.mma_sync})")
         return out
 
@@ -289,7 +291,11 @@ def main(argv=None):
     parser.add_argument("--markdown", action="store_true", help="print the NOTES.md table")
     parser.add_argument("--jobs", type=int, default=2, help="compile processes (default 2)")
     parser.add_argument("--only", default="", help="compile only the jobs whose 'call kernel' contains this")
+    parser.add_argument("--arch", type=int, choices=sorted(SHARED_LIMITS), default=90,
+                        help="90 (default): H100/H200, descriptor path; 80: A100, pointer path, mma.sync")
     args = parser.parse_args(argv)
+    global TARGET
+    TARGET = GPUTarget("cuda", args.arch, 32)
     _JOBS[:] = [j for j in collect(args.all) if args.only in f"{j[0].case} {j[0].kernel.fn.__name__}"]
     try:
         from tqdm import tqdm
