@@ -83,6 +83,20 @@ def rope_rows(base, offs_n, mask_n, stride_n, stride_d, INVF, GW, D: tl.constexp
 
 
 @triton.jit
+def query_rows(base, offs_m, offs_d, mask_m, mask_md, stride_n, stride_d, INVF, GW, D: tl.constexpr,
+               DP: tl.constexpr, ROPE: tl.constexpr):
+    """Rows ``offs_m`` of one query head (``base``: its first element) as a (rows, DP) tile, rotated by
+    2D RoPE with ``ROPE`` (by half tiles when the head dim is a power of two)."""
+    if ROPE and D == DP:
+        x = rope_rows(base, offs_m, mask_m, stride_n, stride_d, INVF, GW, D)
+    else:
+        x = tl.load(base + offs_m[:, None] * stride_n + offs_d[None, :] * stride_d, mask=mask_md, other=0.0)
+        if ROPE:
+            x = rope_tile(x, base, offs_m, offs_d, stride_n, stride_d, mask_md, INVF, GW, D)
+    return x
+
+
+@triton.jit
 def _rope_kernel(
     X, Y, INVF, sxb, sxn, sxh, sxd, N, H, GW,
     D: tl.constexpr, DP: tl.constexpr, BLOCK: tl.constexpr, INVERSE: tl.constexpr,
@@ -133,21 +147,10 @@ def _fwd_kernel(
     mask_md = mask_m[:, None] & mask_d[None, :]
 
     # q (and q_prev) stay resident for the whole key loop
-    q_base = Q + b64 * sqb + h * sqh
-    if ROPE and D == DP:
-        q = rope_rows(q_base, offs_m, mask_m, sqn, sqd, INVF, GW, D)
-    else:
-        q = tl.load(q_base + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask=mask_md, other=0.0)
-        if ROPE:
-            q = rope_tile(q, q_base, offs_m, offs_d, sqn, sqd, mask_md, INVF, GW, D)
+    q = query_rows(Q + b64 * sqb + h * sqh, offs_m, offs_d, mask_m, mask_md, sqn, sqd, INVF, GW, D, DP, ROPE)
     if HAS_RES:
-        qp_base = QP + b64 * sqpb + h * sqph
-        if ROPE and D == DP:
-            qp = rope_rows(qp_base, offs_m, mask_m, sqpn, sqpd, INVF, GW, D)
-        else:
-            qp = tl.load(qp_base + offs_m[:, None] * sqpn + offs_d[None, :] * sqpd, mask=mask_md, other=0.0)
-            if ROPE:
-                qp = rope_tile(qp, qp_base, offs_m, offs_d, sqpn, sqpd, mask_md, INVF, GW, D)
+        qp = query_rows(QP + b64 * sqpb + h * sqph, offs_m, offs_d, mask_m, mask_md, sqpn, sqpd, INVF, GW, D, DP,
+                        ROPE)
         fold = tl.load(TG + b64 * stgb + h * stgh).to(tl.float32) * ratio  # the gate r, applied to <q_prev, k_prev>
 
     # The online softmax starts from the given state: its max is lse_c, its sum 1 (an empty state,

@@ -10,6 +10,7 @@ import latte_kernels as lk
 from latte_kernels import _tma
 from latte_kernels import reference as ref
 from test_residual_attention import as_f64, assert_close, case, grads, leaves, names_of, needs_kernel
+from test_residual_attention import test_gradients_float16 as float16_gradients_match  # not collected twice
 
 f64 = torch.float64
 pytestmark = [needs_kernel, pytest.mark.skipif(_tma.TensorDescriptor is None, reason="Triton without tensor descriptors")]
@@ -45,12 +46,8 @@ def test_descriptor_path_gradients_match_reference(descriptor_path, b, nq, nk, h
 
 
 def test_descriptor_path_float16(descriptor_path):
-    args, kw = case(1, 63, 77, 4, 2, 32, state=True, dtype=torch.float16)
-    d_out, d_lse = torch.randn(1, 63, 4, 32, dtype=f64), torch.randn(1, 4, 63, dtype=f64)
-    _, _, got = grads(lk.residual_attention, args, kw, d_out, d_lse)
-    _, _, want = grads(ref.residual_attention, *as_f64(args, kw), d_out, d_lse)
-    for name, g, w in zip(names_of(kw), got, want):
-        assert_close(g, w, torch.float16, f"d{name}")
+    float16_gradients_match()
+    assert descriptor_path
 
 
 def test_addressable_copies_only_what_a_descriptor_cannot_address():
