@@ -159,11 +159,11 @@ def _dkdv_kernel(
             if HAS_RES:
                 dkp += tl.dot(tl.trans((ds * fold).to(do.dtype)), qp, input_precision=DOT_PREC)  # product 6
             if ATOMIC_DQ:  # DQ, DQP: zeroed contiguous float32 (B, Nq, Hq, D) buffers of dS k and dS k_prev
-                _tma.add_rows(DQ, tl.dot(ds16, k, input_precision=DOT_PREC), b, h, start_m, Nq, Hq, D, DP, BLOCK_M,
-                          TMA)  # product 7
+                dq = tl.dot(ds16, k, input_precision=DOT_PREC)  # product 7
+                _tma.add_rows(DQ, dq, b, h, start_m, Nq, Hq, D, DP, BLOCK_M, TMA)
                 if HAS_RES:
-                    _tma.add_rows(DQP, tl.dot(ds16, kp, input_precision=DOT_PREC), b, h, start_m, Nq, Hq, D, DP,
-                              BLOCK_M, TMA)  # product 8
+                    dqp = tl.dot(ds16, kp, input_precision=DOT_PREC)  # product 8
+                    _tma.add_rows(DQP, dqp, b, h, start_m, Nq, Hq, D, DP, BLOCK_M, TMA)
 
     # DK, DV, DKP are fresh contiguous (B, Nk, Hkv, D) buffers
     out = ((b64 * Nk + offs_n[:, None]) * Hkv + hk) * D + offs_d[None, :]
@@ -320,12 +320,11 @@ def backward(dout, dlse, q, k, v, q_prev, k_prev, gate, tanh_gate, out_c, lse_c,
                  dqp_raw if has_res else dq_raw, *strides, nq, nk, hq, hkv, hq // hkv, c_qk, k_mult, ratio]
     dkdv_grid = lambda meta: (triton.cdiv(nk, meta["BLOCK_N"]), b * hkv)  # noqa: E731
     if _tma.enabled(q):  # one config (no autotuning: nothing to re-zero between trials)
-        config = DKDV_TMA_CONFIGS[min(max(dp, 64), 256)]
-        bm = (_fwd.INTERPRET_BLOCKS if _backend.INTERPRET else config.kwargs)["BLOCK_M"]
-        for i in (0, 3, 6, 12, 13):  # Q, QP, DO, DQ, DQP
-            dkdv_args[i] = _tma.descriptor(_tma.addressable(dkdv_args[i]), bm, dp)
+        config = DKDV_TMA_CONFIGS[_fwd.dim_class(dp)]
         blocks = dict(_fwd.INTERPRET_BLOCKS) if _backend.INTERPRET else \
             dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+        for i in (0, 3, 6, 12, 13):  # Q, QP, DO, DQ, DQP
+            dkdv_args[i] = _tma.descriptor(_tma.addressable(dkdv_args[i]), blocks["BLOCK_M"], dp)
         _dkdv_kernel[dkdv_grid(blocks)](*dkdv_args, **consts, ATOMIC_DQ=atomic, TMA=True, **blocks)
     else:
         launch(_dkdv_kernel, _dkdv_tuned, dkdv_grid, dp, dkdv_args, dict(consts, ATOMIC_DQ=atomic, TMA=False))

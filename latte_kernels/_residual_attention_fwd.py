@@ -229,7 +229,12 @@ def _tuned(kernel, configs_by_class, key, reset_to_zero=None):
     """One autotuner per class of configs: head_dim <= 64, 128 or 256 (16-bit), or any float32."""
     tuned = {c: triton.autotune(configs=_autotune.limit(cfgs), key=key, reset_to_zero=reset_to_zero)(kernel)
              for c, cfgs in configs_by_class.items()}
-    return lambda dp, dtype: tuned["fp32" if dtype == torch.float32 else (64 if dp <= 64 else dp)]
+    return lambda dp, dtype: tuned["fp32" if dtype == torch.float32 else dim_class(dp)]
+
+
+def dim_class(dp: int) -> int:
+    """The 16-bit config class of a padded head dim: 64 (up to 64), 128 or 256."""
+    return max(dp, 64)
 
 
 # Hopper (TMA): K, V, K_prev come through descriptors whose block is (1, BLOCK_N, 1, DP), made before the
@@ -326,7 +331,7 @@ def forward(q, k, v, q_prev, k_prev, tanh_gate, out_c, lse_c, scale, prev_scale,
     grid = lambda meta: (triton.cdiv(nq, meta["BLOCK_M"]), b * hq)  # noqa: E731
     tma = _tma.enabled(q)
     if tma:  # K, V, K_prev tiles by TMA
-        bn = INTERPRET_BLOCKS["BLOCK_N"] if _backend.INTERPRET else FWD_TMA_BLOCK_N[min(max(dp, 64), 256)]
+        bn = INTERPRET_BLOCKS["BLOCK_N"] if _backend.INTERPRET else FWD_TMA_BLOCK_N[dim_class(dp)]
         args = list(args)
         for i in (1, 2, 4):  # K, V, KP
             args[i] = _tma.descriptor(_tma.addressable(args[i]), bn, dp)
