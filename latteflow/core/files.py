@@ -1,9 +1,10 @@
-"""Atomic file writes (readers, and a crash mid-write, see the old file or the new one, never half of one)
-and the SHA-256 of weight files."""
+"""Atomic file writes (readers, and a crash mid-write, see the old file or the new one, never half of one),
+the SHA-256 of weight files, and JSON files read with an error naming them."""
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import tempfile
 from typing import IO, Any, Dict, Iterator
@@ -85,3 +86,13 @@ def weights_sha256(folder: str | os.PathLike) -> Dict[str, Any]:
     else:
         total = hashlib.sha256("".join(f"{h}  {n}\n" for n, h in digests.items()).encode()).hexdigest()
     return {"sha256": total, "files": digests}
+
+
+def read_json(path: str | os.PathLike, name: str | None = None) -> Any:
+    """The JSON value in the UTF-8 file at ``path``; ValueError naming ``name`` (default: the path) when
+    the file is not JSON."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{name or os.fspath(path)}: not JSON ({e})") from None

@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from latteflow.core.files import sha256_file, weights_sha256
+from latteflow.core.files import read_json, sha256_file, weights_sha256
 from latteflow.data.image_folder import adm_center_crop, load_image, scan_image_folder, to_model_pixels
 from latteflow.data.shards import FORMAT, _shard_header, shard_metadata, shard_name, write_manifest, write_shard
 
@@ -42,11 +42,7 @@ def load_class_names(path: Optional[str], classes: List[str]) -> List[str]:
         return list(classes)
     if not os.path.isfile(path):
         raise ValueError(f"--class-names {path!r}: no such file")
-    try:
-        with open(path, encoding="utf-8") as f:
-            names = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"--class-names {path!r}: not JSON ({e})") from None
+    names = read_json(path, f"--class-names {path!r}")
     if not isinstance(names, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in names.items()):
         raise ValueError(f"--class-names {path!r}: must be a JSON object {{folder: prompt}} of strings")
     empty = [k for k, v in names.items() if not v.strip()]

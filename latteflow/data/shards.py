@@ -34,7 +34,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from latteflow.core.files import atomic_write, sha256_file
+from latteflow.core.files import atomic_write, read_json, sha256_file
 
 __all__ = ["FORMAT", "MANIFEST_NAME", "LatentShards", "ShardAwareSampler", "load_manifest", "shard_metadata", "shard_name",
            "write_manifest", "write_shard"]
@@ -161,12 +161,7 @@ def load_manifest(folder: str | os.PathLike) -> Dict[str, Any]:
     path = os.path.join(os.path.abspath(os.fspath(folder)), MANIFEST_NAME)
     if not os.path.isfile(path):
         raise ValueError(f"{path}: missing (is {os.fspath(folder)!r} a folder written by `latteflow prepare`?)")
-    try:
-        with open(path, encoding="utf-8") as f:
-            m = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not JSON ({e})") from e
-    return _check_manifest(m, path)
+    return _check_manifest(read_json(path), path)
 
 
 # ------------------------------------------------------------------------------------------------

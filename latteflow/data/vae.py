@@ -5,13 +5,14 @@ tensors, plus ``latent_channels`` and ``downsample`` (latent side = image side /
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Dict, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from latteflow.core.files import read_json
 
 DC_AE_F32C32_SCALE = 0.3189  # scaling factor of dc-ae-f32c32-in-1.0
 
@@ -75,11 +76,7 @@ def config_scaling_factor(path: str, vae: Optional[nn.Module] = None) -> float:
     whether the value came from the file."""
     config_file = os.path.join(os.fspath(path), "config.json")
     if os.path.isfile(config_file):
-        try:
-            with open(config_file, encoding="utf-8") as f:
-                raw = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{config_file}: not JSON ({e})") from e
+        raw = read_json(config_file)
         value = raw.get("scaling_factor") if isinstance(raw, dict) else None
     elif vae is not None and "scaling_factor" not in vae.config.get("_use_default_values", ["scaling_factor"]):
         value = vae.config.get("scaling_factor")
