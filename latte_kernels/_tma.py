@@ -25,8 +25,12 @@ _DTYPES = (torch.float16, torch.bfloat16)
 
 def enabled(t: torch.Tensor) -> bool:
     """Whether the kernels on ``t`` (a CUDA tensor of the call) take the descriptor path."""
-    return (TensorDescriptor is not None and not _backend.INTERPRET and t.is_cuda and t.dtype in _DTYPES
-            and torch.cuda.get_device_capability(t.device)[0] >= 9)
+    return not _backend.INTERPRET and t.is_cuda and supported(t.dtype, torch.cuda.get_device_capability(t.device)[0])
+
+
+def supported(dtype: torch.dtype, major: int) -> bool:
+    """Whether ``dtype`` inputs take the descriptor path on a GPU of compute capability ``major``.x."""
+    return TensorDescriptor is not None and dtype in _DTYPES and major >= 9
 
 
 def addressable(t: torch.Tensor) -> torch.Tensor:

@@ -91,7 +91,7 @@ def record(case, fn, *a, **kw):
     """Runs the launcher ``fn`` with every Triton launch replaced by the recorder."""
     saved = JITFunction.run, Autotuner.run, _tma.enabled
     JITFunction.run, Autotuner.run = _record_jit, _record_tuned
-    _tma.enabled = lambda t: TARGET.arch >= 90 and _tma.TensorDescriptor is not None and t.dtype in _tma._DTYPES
+    _tma.enabled = lambda t: _tma.supported(t.dtype, TARGET.arch // 10)  # as on the target GPU
     _CASE[0] = case
     try:
         with torch.no_grad():
